@@ -1,0 +1,95 @@
+"""Synthetic stand-ins for what these machines cannot download: towers with seeded random
+weights, with and without the activation outlier channels of trained CLIP.
+
+Everything here is labelled synthetic; numbers measured on it are not accuracy on real data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+def random_tower(model_name: str = "ViT-B-32", seed: int = 0) -> nn.Module:
+    """An open_clip vision tower of ``model_name`` with seeded random weights (eval mode)."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    return open_clip.create_model(model_name, pretrained=None).visual.eval()
+
+
+@dataclass(frozen=True)
+class OutlierPlan:
+    """Which channels were made outliers and how strong they came out."""
+
+    residual_channels: tuple[int, ...]
+    ln_channels: tuple[int, ...]
+    ratio: float  # median over blocks of mean |ln_1 output| in planted channels / mean elsewhere
+
+
+@torch.no_grad()
+def plant_outlier_channels(
+    visual: nn.Module,
+    n_channels: int = 4,
+    ln_gain: float = 30.0,
+    residual_gain: float = 40.0,
+    seed: int = 0,
+    probe_images: torch.Tensor | None = None,
+) -> OutlierPlan:
+    """Give a tower the activation outliers trained CLIP has (in place).
+
+    Two mechanisms, as reported for trained ViTs / CLIP:
+
+    - LayerNorm-gain outliers, function-preserving: in ``n_channels`` channels every
+      ``ln_1``/``ln_2`` gain and bias is multiplied by ``ln_gain`` and the matching input columns
+      of ``in_proj``/``c_fc`` divided by it. The FP32 function is unchanged; the GEMM inputs get
+      channels ``ln_gain`` times larger than the rest.
+    - Massive residual-stream channels: ``n_channels`` other channels get a constant offset of
+      ``residual_gain`` positional-embedding standard deviations in every token, carried by the
+      residual stream through every block (this one changes the function, as in trained models).
+
+    Returns the plan with the measured outlier ratio at the LayerNorm outputs.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    D = visual.conv1.out_channels
+    if not 0 < 2 * n_channels <= D:
+        raise ValueError(f"n_channels must be in 1..{D // 2}, got {n_channels}")
+    perm = torch.randperm(D, generator=gen)
+    res, lnc = perm[:n_channels], perm[n_channels : 2 * n_channels]
+    if residual_gain:
+        std = visual.positional_embedding.float().std()
+        sign = torch.where(torch.rand(n_channels, generator=gen) < 0.5, -1.0, 1.0)
+        offset = (residual_gain * std * sign).to(visual.positional_embedding.dtype)
+        visual.positional_embedding[:, res] += offset
+        visual.class_embedding[res] += offset.to(visual.class_embedding.dtype)
+    for blk in visual.transformer.resblocks:
+        for ln, weight in ((blk.ln_1, blk.attn.in_proj_weight), (blk.ln_2, blk.mlp.c_fc.weight)):
+            ln.weight[lnc] *= ln_gain
+            ln.bias[lnc] *= ln_gain
+            weight[:, lnc] /= ln_gain
+    ratio = measure_outlier_ratio(visual, lnc, probe_images, seed)
+    return OutlierPlan(tuple(res.tolist()), tuple(lnc.tolist()), ratio)
+
+
+@torch.no_grad()
+def measure_outlier_ratio(
+    visual: nn.Module, channels: torch.Tensor, images: torch.Tensor | None = None, seed: int = 0
+) -> float:
+    """Median over blocks of mean |ln_1 output| in ``channels`` over the mean in the other channels."""
+    if images is None:
+        gen = torch.Generator().manual_seed(seed)
+        h, w = visual.image_size
+        images = torch.randn(2, 3, h, w, generator=gen)
+    outs = []
+    hooks = [b.ln_1.register_forward_hook(lambda m, i, o: outs.append(o.detach().float().abs())) for b in visual.transformer.resblocks]
+    try:
+        visual(images.to(visual.conv1.weight.device, visual.conv1.weight.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    mask = torch.zeros(outs[0].shape[-1], dtype=torch.bool)
+    mask[channels] = True
+    ratios = [o[..., mask].mean() / o[..., ~mask].mean() for o in outs]
+    return float(torch.stack(ratios).median())

@@ -1,0 +1,214 @@
+"""The quantized transformer block: ``QuantLinear``, ``QuantAttention``, ``QuantMLP``, ``QuantBlock``.
+
+Modules hold buffers and call the backend's operations (``lra_kernels.backend``); they do no
+index arithmetic of their own. Names mirror open_clip's ``ResidualAttentionBlock``
+(``ln_1``, ``attn.in_proj``, ``attn.out_proj``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``).
+
+Activation quantization modes of a ``QuantLinear``:
+
+- ``per_token``: symmetric, one scale per row at run time (default; fused with the LayerNorm
+  in front of ``in_proj`` and ``c_fc``).
+- ``per_tensor_static``: one calibrated scale (buffer ``x_scale``).
+- ``paper``: the paper's baseline, dynamic per-tensor asymmetric over the whole input, per-tensor
+  weights (``torch.ao.quantization.quantize_dynamic`` emulation; batch-dependent by design).
+- ``float``: no quantization (``in_proj``/``out_proj`` under the paper's scheme, which left
+  ``nn.MultiheadAttention`` in float).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .kernels.int8_gemm import ACTIVATIONS, apply_activation
+from .quant import quantize_paper_dynamic_ref, quantize_weight_paper, quantize_weight_per_channel
+
+MODES = ("per_token", "per_tensor_static", "paper", "float")
+SCALE_BUFFERS = ("w_scale", "bias", "x_scale", "smooth_inv")
+
+
+class QuantLinear(nn.Module):
+    """``y = act(x @ W^T + b) (+ residual)`` with INT8 weights and activations.
+
+    Buffers: ``qweight_t[K, N]`` int8, ``w_scale[N]`` fp32, ``bias[N]`` fp32 (optional),
+    ``x_scale[]`` fp32 (``per_tensor_static``), ``smooth_inv[K]`` fp32 (SmoothQuant factors that
+    cannot be folded into a preceding LayerNorm, applied while quantizing). Mode ``float`` keeps
+    ``weight[N, K]`` in float instead.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        mode: str = "per_token",
+        bias: bool = True,
+        smooth: bool = False,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        K, N = in_features, out_features
+        if mode == "float":
+            self.register_buffer("weight", torch.zeros(N, K))
+        else:
+            self.register_buffer("qweight_t", torch.zeros(K, N, dtype=torch.int8))
+            self.register_buffer("w_scale", torch.zeros(N))
+        self.register_buffer("bias", torch.zeros(N) if bias else None)
+        self.register_buffer("x_scale", torch.ones(()) if mode == "per_tensor_static" else None)
+        self.register_buffer("smooth_inv", torch.ones(K) if smooth else None)
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        mode: str,
+        smooth: torch.Tensor | None = None,
+        x_scale: float | torch.Tensor | None = None,
+        fold_smooth: bool = True,
+    ) -> "QuantLinear":
+        """Quantize a float ``weight[N, K]``.
+
+        ``smooth[K]``: SmoothQuant factors; the weight's columns are multiplied by them. With
+        ``fold_smooth`` the caller has already divided the input by ``smooth`` (folded into a
+        LayerNorm or a previous projection); otherwise the layer divides at run time.
+        ``x_scale``: the calibrated scale of the (smoothed) input, ``per_tensor_static`` only.
+        """
+        N, K = weight.shape
+        w = weight.detach().float()
+        if smooth is not None:
+            w = w * smooth.float()[None, :]
+        layer = cls(K, N, mode, bias=bias is not None, smooth=smooth is not None and not fold_smooth)
+        with torch.no_grad():
+            if mode == "float":
+                layer.weight.copy_(w)
+            else:
+                quantize = quantize_weight_paper if mode == "paper" else quantize_weight_per_channel
+                wq, w_scale = quantize(w)
+                layer.qweight_t.copy_(wq.t())
+                layer.w_scale.copy_(w_scale)
+            if bias is not None:
+                layer.bias.copy_(bias.detach().float())
+            if layer.smooth_inv is not None:
+                layer.smooth_inv.copy_(1.0 / smooth.float())
+            if mode == "per_tensor_static":
+                if x_scale is None:
+                    raise ValueError("per_tensor_static needs a calibrated x_scale")
+                layer.x_scale.copy_(torch.as_tensor(x_scale, dtype=torch.float32))
+        return layer
+
+    def _apply(self, fn, recurse=True):
+        # Scales stay fp32 when the module's float dtype changes (e.g. ``.half()``).
+        super()._apply(fn, recurse)
+        for name in SCALE_BUFFERS + ("weight",):
+            t = getattr(self, name, None)
+            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                setattr(self, name, t.float())
+        return self
+
+    def quantize(self, x: torch.Tensor, ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x[M, K]`` float -> ``(q[M, K] int8, x_scale[M] fp32)`` per this layer's mode."""
+        if self.mode == "per_token":
+            return ops.quantize_per_token(x, self.smooth_inv)
+        if self.mode == "per_tensor_static":
+            return ops.quantize_per_tensor(x, self.x_scale, self.smooth_inv)
+        if self.mode == "paper":
+            return quantize_paper_dynamic_ref(x)
+        raise RuntimeError("a float layer has no quantizer")
+
+    def gemm(
+        self,
+        q: torch.Tensor,
+        x_scale: torch.Tensor,
+        ops,
+        activation: str = "none",
+        residual: torch.Tensor | None = None,
+        out_dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        return ops.int8_gemm(q, self.qweight_t, x_scale, self.w_scale, self.bias, activation, residual, out_dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ops,
+        activation: str = "none",
+        residual: torch.Tensor | None = None,
+        out_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        out_dtype = out_dtype or x.dtype
+        if self.mode == "float":
+            y = apply_activation(F.linear(x.float(), self.weight, self.bias), activation)
+            if residual is not None:
+                y = y + residual.float()
+            return y.to(out_dtype)
+        q, x_scale = self.quantize(x, ops)
+        return self.gemm(q, x_scale, ops, activation, residual, out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+class QuantAttention(nn.Module):
+    def __init__(self, width: int, n_head: int, mode: str, bias: bool = True, smooth_out: bool = False):
+        super().__init__()
+        if width % n_head:
+            raise ValueError(f"width {width} is not divisible by n_head {n_head}")
+        self.n_head = n_head
+        self.in_proj = QuantLinear(width, 3 * width, mode, bias=bias)
+        self.out_proj = QuantLinear(width, width, mode, bias=bias, smooth=smooth_out)
+
+
+class QuantMLP(nn.Module):
+    def __init__(self, width: int, hidden: int, activation: str, mode: str, smooth_proj: bool = False):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+        self.c_fc = QuantLinear(width, hidden, mode)
+        self.c_proj = QuantLinear(hidden, width, mode, smooth=smooth_proj)
+
+
+class QuantBlock(nn.Module):
+    """Pre-norm residual block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``.
+
+    The per-token chain is LN+quant -> qkv GEMM -> SDPA -> quant -> out_proj GEMM (+residual)
+    -> LN+quant -> c_fc GEMM (+GELU) -> quant -> c_proj GEMM (+residual).
+    """
+
+    def __init__(
+        self,
+        width: int,
+        n_head: int,
+        hidden: int,
+        activation: str,
+        eps: float,
+        attn_mode: str,
+        mlp_mode: str,
+        attn_bias: bool = True,
+        smooth_out: bool = False,
+        smooth_proj: bool = False,
+    ):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.attn = QuantAttention(width, n_head, attn_mode, bias=attn_bias, smooth_out=smooth_out)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = QuantMLP(width, hidden, activation, mlp_mode, smooth_proj=smooth_proj)
+
+    def _norm_linear(self, x, norm: nn.LayerNorm, linear: QuantLinear, ops, activation="none"):
+        if linear.mode == "per_token" and linear.smooth_inv is None:
+            q, x_scale = ops.layernorm_quant(x, norm.weight, norm.bias, norm.eps)
+            return linear.gemm(q, x_scale, ops, activation, None, x.dtype)
+        h = F.layer_norm(x.float(), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return linear(h, ops, activation, out_dtype=x.dtype)
+
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        B, T, D = x.shape
+        x2 = x.reshape(B * T, D)
+        qkv = self._norm_linear(x2, self.ln_1, self.attn.in_proj, ops)
+        a = ops.attention(qkv.view(B, T, 3 * D), self.attn.n_head).reshape(B * T, D)
+        x2 = self.attn.out_proj(a, ops, residual=x2)
+        h = self._norm_linear(x2, self.ln_2, self.mlp.c_fc, ops, self.mlp.activation)
+        x2 = self.mlp.c_proj(h, ops, residual=x2)
+        return x2.view(B, T, D)

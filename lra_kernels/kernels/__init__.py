@@ -1,0 +1,1 @@
+"""Kernels: each file holds a Triton kernel, its pure-torch ``*_ref`` and a validating launcher."""

@@ -1,0 +1,325 @@
+"""``QuantEarlyExitViT``: an INT8 (W8A8) open_clip vision tower, drop-in for ``clip.visual``."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backend import get_ops, resolve_backend, validate_backend
+from .block import QuantBlock, QuantLinear
+from .config import QuantConfig, VisionArch
+
+
+class PatchEmbed(nn.Module):
+    """open_clip's ``conv1`` (a stride-``patch`` convolution without bias): ``[B, 3, H, W] -> [B, G, D]``.
+
+    Float: ``F.conv2d``. INT8: patches flattened in ``(channel, row, column)`` order, quantized
+    per patch and multiplied with the per-channel INT8 weight ``[D, 3 * ph * pw]``.
+    """
+
+    def __init__(self, width: int, patch_size: tuple[int, int], int8: bool):
+        super().__init__()
+        self.patch_size = patch_size
+        ph, pw = patch_size
+        if int8:
+            self.linear = QuantLinear(3 * ph * pw, width, "per_token", bias=False)
+        else:
+            self.register_buffer("weight", torch.zeros(width, 3, ph, pw))
+
+    @property
+    def int8(self) -> bool:
+        return hasattr(self, "linear")
+
+    def forward(self, images: torch.Tensor, ops) -> torch.Tensor:
+        B, C, H, W = images.shape
+        ph, pw = self.patch_size
+        if not self.int8:
+            x = F.conv2d(images, self.weight, stride=self.patch_size)
+            return x.flatten(2).transpose(1, 2)
+        gh, gw = H // ph, W // pw
+        patches = images.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C * ph * pw)
+        return self.linear(patches, ops).view(B, gh * gw, -1)
+
+
+class QuantTransformer(nn.Module):
+    """Holds the blocks under open_clip's name, ``transformer.resblocks``."""
+
+    def __init__(self, blocks: list[QuantBlock]):
+        super().__init__()
+        self.resblocks = nn.ModuleList(blocks)
+        self.layers = len(blocks)
+
+
+def _call_block(block: QuantBlock, x: torch.Tensor, ops) -> torch.Tensor:
+    return block(x, ops)
+
+
+def _call_embed(model: "QuantEarlyExitViT", images: torch.Tensor, ops) -> torch.Tensor:
+    return model.embed_eager(images, ops)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    # dynamic=None: the first shape compiles static; later batch sizes mark the batch dimension
+    # dynamic (maybe_mark_dynamic below), so one graph serves every batch size.
+    return torch.compile(fn, dynamic=None)
+
+
+@functools.lru_cache(maxsize=None)
+def _have_cxx() -> bool:
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+class QuantEarlyExitViT(nn.Module):
+    """INT8 open_clip ``VisionTransformer`` with layer-wise early exits.
+
+    Build with :meth:`from_open_clip`; restore with :meth:`load`. ``forward(images)`` has the
+    contract of ``clip.visual(images)``: ``[B, output_dim]`` unnormalised embeddings (and the
+    patch tokens when the tower was built with ``output_tokens``).
+
+    The float tensors (embeddings, LayerNorms, ``proj``, scales) stay fp32 whatever ``.to()`` is
+    asked; activations run in fp32 on the torch backend.
+    """
+
+    def __init__(
+        self,
+        arch: VisionArch,
+        quant_config: QuantConfig | None = None,
+        backend: str = "auto",
+        compile_blocks: bool | None = None,
+    ):
+        super().__init__()
+        quant_config = quant_config or QuantConfig()
+        self.arch, self.quant_config = arch, quant_config
+        self.backend = validate_backend(backend)
+        self.compile_blocks = compile_blocks
+        self._compile_failed = False
+
+        # open_clip's public attributes
+        self.image_size, self.patch_size, self.grid_size = arch.image_size, arch.patch_size, arch.grid_size
+        self.output_dim = arch.output_dim if arch.has_proj else arch.width
+        self.output_tokens = arch.output_tokens
+        self.pool_type, self.final_ln_after_pool = arch.pool_type, arch.final_ln_after_pool
+        self.preprocess_cfg = dict(arch.preprocess_cfg)
+        self.image_mean = tuple(self.preprocess_cfg.get("mean", ())) or None
+        self.image_std = tuple(self.preprocess_cfg.get("std", ())) or None
+
+        D = arch.width
+        smooth = quant_config.smooth_alpha is not None
+        self.conv1 = PatchEmbed(D, arch.patch_size, quant_config.int8_patch_embed)
+        self.register_buffer("class_embedding", torch.zeros(D))
+        self.register_buffer("positional_embedding", torch.zeros(arch.num_tokens, D))
+        self.ln_pre = nn.Identity() if arch.no_ln_pre else nn.LayerNorm(D, eps=arch.eps)
+        blocks = [
+            QuantBlock(
+                D,
+                arch.heads,
+                arch.mlp_hidden,
+                arch.activation,
+                arch.eps,
+                quant_config.attn_mode,
+                quant_config.mlp_mode,
+                attn_bias=arch.attn_bias,
+                smooth_proj=smooth,
+            )
+            for _ in range(arch.layers)
+        ]
+        self.transformer = QuantTransformer(blocks)
+        self.ln_post = nn.LayerNorm(D, eps=arch.eps)
+        self.register_buffer("proj", torch.zeros(D, arch.output_dim) if arch.has_proj else None)
+        self.requires_grad_(False)
+        self.eval()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_open_clip(
+        cls,
+        visual: nn.Module,
+        *,
+        act_quant: str = "per_token",
+        smooth_alpha: float | None = None,
+        calibration_images: torch.Tensor | None = None,
+        backend: str = "auto",
+        static_percentile: float | None = None,
+        int8_patch_embed: bool = False,
+        compile_blocks: bool | None = None,
+    ) -> "QuantEarlyExitViT":
+        """Quantize an open_clip ``VisionTransformer`` (``clip.visual``).
+
+        ``calibration_images`` (a normalised float batch ``[N, 3, H, W]``) is required for
+        ``act_quant="per_tensor_static"`` and for ``smooth_alpha``. The FP32 tower is not
+        modified.
+        """
+        from .convert import convert_open_clip
+
+        config = QuantConfig(
+            act_quant=act_quant,
+            smooth_alpha=smooth_alpha,
+            static_percentile=static_percentile,
+            int8_patch_embed=int8_patch_embed,
+        )
+        return convert_open_clip(visual, config, calibration_images, backend=backend, compile_blocks=compile_blocks)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # Keep float storage fp32: scales and LayerNorms lose too much in half precision.
+        for module in self.modules():
+            for name, t in list(module._buffers.items()) + list(module._parameters.items()):
+                if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                    if name in module._parameters:
+                        module._parameters[name] = nn.Parameter(t.float(), requires_grad=False)
+                    else:
+                        module._buffers[name] = t.float()
+        return self
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def depth(self) -> int:
+        return self.arch.layers
+
+    @property
+    def width(self) -> int:
+        return self.arch.width
+
+    @property
+    def device(self) -> torch.device:
+        return self.class_embedding.device
+
+    @property
+    def resolved_backend(self) -> str:
+        return resolve_backend(self.backend, self.device)
+
+    def ops(self):
+        return get_ops(self.resolved_backend)
+
+    # ------------------------------------------------------------------ input checks
+    def check_images(self, images) -> torch.Tensor:
+        """Validate an image batch; raise ``TypeError``/``ValueError`` saying what was expected."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"expected images as a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
+        H, W = self.image_size
+        if images.ndim != 4:
+            raise ValueError(f"expected images of shape [B, 3, {H}, {W}], got {tuple(images.shape)}")
+        if images.shape[1] != 3:
+            raise ValueError(f"expected 3 colour channels (images [B, 3, {H}, {W}]), got {images.shape[1]} in {tuple(images.shape)}")
+        if tuple(images.shape[2:]) != (H, W):
+            raise ValueError(
+                f"expected images of height x width {H} x {W} (the tower's image_size), got "
+                f"{images.shape[2]} x {images.shape[3]}; resize with the model's preprocess"
+            )
+        if not images.is_floating_point():
+            raise TypeError(
+                f"expected float images (fp32/fp16/bf16, normalised with image_mean/image_std), got {images.dtype}"
+            )
+        if images.device != self.device:
+            raise ValueError(f"images are on {images.device} but the model is on {self.device}; move one with .to()")
+        return images
+
+    # ------------------------------------------------------------------ stages
+    def embed_eager(self, images: torch.Tensor, ops) -> torch.Tensor:
+        x = self.conv1(images.float(), ops)
+        cls_tok = self.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls_tok, x], dim=1) + self.positional_embedding
+        return self.ln_pre(x)
+
+    def _use_compile(self) -> bool:
+        if self._compile_failed or self.resolved_backend != "torch" or self.device.type != "cpu":
+            return False
+        if self.compile_blocks is None:
+            return _have_cxx()
+        return bool(self.compile_blocks)
+
+    def _run(self, fn, module, x, ops):
+        if self._use_compile() and x.shape[0] > 0:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+            try:
+                return _compiled(fn)(module, x, ops)
+            except Exception as err:  # a missing compiler or an Inductor limitation: stay correct, run eager
+                self._compile_failed = True
+                warnings.warn(f"torch.compile of the quantized tower failed ({type(err).__name__}: {err}); running eager")
+        return fn(module, x, ops)
+
+    def embed(self, images: torch.Tensor, ops=None) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> tokens ``[B, T, D]`` (patch embedding, class token, positions, ln_pre)."""
+        return self._run(_call_embed, self, images, ops or self.ops())
+
+    def run_block(self, index: int, x: torch.Tensor, ops=None) -> torch.Tensor:
+        """Run block ``index`` (0-based) on tokens ``[B, T, D]``."""
+        return self._run(_call_block, self.transformer.resblocks[index], x, ops or self.ops())
+
+    def pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own head, as open_clip's ``_pool`` + ``proj``: ``(pooled[B, E], tokens[B, T-1, D])``."""
+        if self.final_ln_after_pool:
+            pooled, tokens = self._global_pool(x)
+            pooled = self.ln_post(pooled)
+        else:
+            x = self.ln_post(x)
+            pooled, tokens = self._global_pool(x)
+        if self.proj is not None:
+            pooled = pooled @ self.proj
+        return pooled, tokens
+
+    def _global_pool(self, x):
+        if self.pool_type == "avg":
+            return x[:, 1:].mean(dim=1), x[:, 1:]
+        return x[:, 0], x[:, 1:]
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens after the last block, ``[B, T, D]`` fp32 (images already checked)."""
+        ops = self.ops()
+        x = self.embed(images, ops)
+        for i in range(self.depth):
+            x = self.run_block(i, x, ops)
+        return x
+
+    @torch.no_grad()
+    def hidden_states(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Tokens after the embedding and after each block: ``depth + 1`` tensors ``[B, T, D]``."""
+        images = self.check_images(images)
+        ops = self.ops()
+        with torch.autocast(images.device.type, enabled=False):
+            states = [self.embed(images, ops)]
+            for i in range(self.depth):
+                states.append(self.run_block(i, states[-1], ops))
+        return states
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor):
+        images = self.check_images(images)
+        if images.shape[0] == 0:
+            out = images.new_zeros(0, self.output_dim)
+            if self.output_tokens:
+                return out, images.new_zeros(0, self.grid_size[0] * self.grid_size[1], self.width)
+            return out
+        with torch.autocast(images.device.type, enabled=False):
+            pooled, tokens = self.pool(self.forward_tokens(images))
+        if self.output_tokens:
+            return pooled.to(images.dtype), tokens.to(images.dtype)
+        return pooled.to(images.dtype)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write ``path/`` (a directory): ``model.safetensors`` and ``config.json``; no pickle."""
+        from .serialization import save_model
+
+        return save_model(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", backend: str | None = None) -> "QuantEarlyExitViT":
+        """Rebuild a model written by :meth:`save`; needs neither open_clip weights nor a download."""
+        from .serialization import load_model
+
+        return load_model(path, device=device, backend=backend)
+
+    def extra_repr(self) -> str:
+        a, q = self.arch, self.quant_config
+        return (
+            f"width={a.width}, layers={a.layers}, heads={a.heads}, image_size={a.image_size}, patch_size={a.patch_size}, "
+            f"act_quant={q.act_quant}, smooth_alpha={q.smooth_alpha}, backend={self.backend}"
+        )

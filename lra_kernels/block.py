@@ -33,7 +33,7 @@ class QuantLinear(nn.Module):
 
     Buffers: ``qweight_t[K, N]`` int8, ``w_scale[N]`` fp32, ``bias[N]`` fp32 (optional),
     ``x_scale[]`` fp32 (``per_tensor_static``), ``smooth_inv[K]`` fp32 (SmoothQuant factors that
-    cannot be folded into a preceding LayerNorm, applied while quantizing). Mode ``float`` keeps
+    cannot be folded into a preceding LayerNorm; the input is multiplied by them while quantizing). Mode ``float`` keeps
     ``weight[N, K]`` in float instead.
     """
 
@@ -65,22 +65,12 @@ class QuantLinear(nn.Module):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         mode: str,
-        smooth: torch.Tensor | None = None,
         x_scale: float | torch.Tensor | None = None,
-        fold_smooth: bool = True,
     ) -> "QuantLinear":
-        """Quantize a float ``weight[N, K]``.
-
-        ``smooth[K]``: SmoothQuant factors; the weight's columns are multiplied by them. With
-        ``fold_smooth`` the caller has already divided the input by ``smooth`` (folded into a
-        LayerNorm or a previous projection); otherwise the layer divides at run time.
-        ``x_scale``: the calibrated scale of the (smoothed) input, ``per_tensor_static`` only.
-        """
+        """Quantize a float ``weight[N, K]`` (``x_scale``: the calibrated input scale, ``per_tensor_static`` only)."""
         N, K = weight.shape
         w = weight.detach().float()
-        if smooth is not None:
-            w = w * smooth.float()[None, :]
-        layer = cls(K, N, mode, bias=bias is not None, smooth=smooth is not None and not fold_smooth)
+        layer = cls(K, N, mode, bias=bias is not None)
         with torch.no_grad():
             if mode == "float":
                 layer.weight.copy_(w)
@@ -91,8 +81,6 @@ class QuantLinear(nn.Module):
                 layer.w_scale.copy_(w_scale)
             if bias is not None:
                 layer.bias.copy_(bias.detach().float())
-            if layer.smooth_inv is not None:
-                layer.smooth_inv.copy_(1.0 / smooth.float())
             if mode == "per_tensor_static":
                 if x_scale is None:
                     raise ValueError("per_tensor_static needs a calibrated x_scale")
@@ -151,13 +139,13 @@ class QuantLinear(nn.Module):
 
 
 class QuantAttention(nn.Module):
-    def __init__(self, width: int, n_head: int, mode: str, bias: bool = True, smooth_out: bool = False):
+    def __init__(self, width: int, n_head: int, mode: str, bias: bool = True):
         super().__init__()
         if width % n_head:
             raise ValueError(f"width {width} is not divisible by n_head {n_head}")
         self.n_head = n_head
         self.in_proj = QuantLinear(width, 3 * width, mode, bias=bias)
-        self.out_proj = QuantLinear(width, width, mode, bias=bias, smooth=smooth_out)
+        self.out_proj = QuantLinear(width, width, mode, bias=bias)
 
 
 class QuantMLP(nn.Module):
@@ -187,12 +175,11 @@ class QuantBlock(nn.Module):
         attn_mode: str,
         mlp_mode: str,
         attn_bias: bool = True,
-        smooth_out: bool = False,
         smooth_proj: bool = False,
     ):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width, eps=eps)
-        self.attn = QuantAttention(width, n_head, attn_mode, bias=attn_bias, smooth_out=smooth_out)
+        self.attn = QuantAttention(width, n_head, attn_mode, bias=attn_bias)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
         self.mlp = QuantMLP(width, hidden, activation, mlp_mode, smooth_proj=smooth_proj)
 

@@ -131,6 +131,8 @@ class FloatBlockParams:
     n_head: int
     eps: float
     activation: str
+    c_proj_smooth_inv: torch.Tensor | None = None  # SmoothQuant factor applied at run time
+
 
     @classmethod
     def from_block(cls, block: nn.Module) -> "FloatBlockParams":
@@ -167,7 +169,7 @@ class FloatBlockParams:
         return FloatBlockParams(
             tuple(map(mv, self.ln_1)), tuple(map(mv, self.ln_2)),
             {k: mv(v) for k, v in self.w.items()}, {k: mv(v) for k, v in self.b.items()},
-            self.n_head, self.eps, self.activation,
+            self.n_head, self.eps, self.activation, mv(self.c_proj_smooth_inv),
         )
 
     def forward(self, x: torch.Tensor, observe=None) -> torch.Tensor:
@@ -185,6 +187,8 @@ class FloatBlockParams:
         x2 = x2 + linear("out_proj", a)
         h = F.layer_norm(x2, (D,), *self.ln_2, self.eps)
         h = apply_activation(linear("c_fc", h), self.activation)
+        if self.c_proj_smooth_inv is not None:
+            h = h * self.c_proj_smooth_inv
         x2 = x2 + linear("c_proj", h)
         return x2.view(B, T, D)
 
@@ -265,48 +269,62 @@ def _set_ln(ln: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor) -> None:
         ln.bias.copy_(bias)
 
 
+def smooth_block(p: FloatBlockParams, stats: dict[str, ActivationStats], alpha: float):
+    """Fold SmoothQuant factors into a block's float parameters.
+
+    Returns ``(folded, factors)``: ``folded`` computes the same function as ``p`` (up to float
+    rounding) with flattened GEMM inputs; ``factors[name]`` is the ``s[K]`` each GEMM input was
+    divided by (the weights' columns are multiplied by it).
+    """
+    from .quant import smooth_factors
+
+    D = p.ln_1[0].shape[0]
+    s = {name: smooth_factors(stats[name].amax, p.w[name], alpha) for name in GEMMS}
+    w = {name: p.w[name] * s[name][None, :] for name in GEMMS}
+    b = dict(p.b)
+    # out_proj's input is softmax(QK^T) V, linear in V: divide the V rows of in_proj.
+    w["in_proj"][2 * D :] /= s["out_proj"][:, None]
+    if b["in_proj"] is not None:
+        b["in_proj"] = b["in_proj"].clone()
+        b["in_proj"][2 * D :] /= s["out_proj"]
+    folded = FloatBlockParams(
+        ln_1=(p.ln_1[0] / s["in_proj"], p.ln_1[1] / s["in_proj"]),
+        ln_2=(p.ln_2[0] / s["c_fc"], p.ln_2[1] / s["c_fc"]),
+        w=w, b=b, n_head=p.n_head, eps=p.eps, activation=p.activation,
+        c_proj_smooth_inv=1.0 / s["c_proj"],
+    )
+    return folded, s
+
+
 def quantize_block(
     p: FloatBlockParams, config: QuantConfig, arch: VisionArch, stats: dict[str, ActivationStats] | None
 ) -> QuantBlock:
-    from .quant import smooth_factors
-
-    D = arch.width
+    """Quantize one block's float parameters (``stats`` from :func:`collect_stats` when calibrating)."""
     p = p.to("cpu")
-    w = dict(p.w)
-    b = dict(p.b)
-    ln_1, ln_2 = p.ln_1, p.ln_2
     smooth: dict[str, torch.Tensor | None] = dict.fromkeys(GEMMS)
     if config.smooth_alpha is not None:
-        alpha = float(config.smooth_alpha)
-        smooth = {name: smooth_factors(stats[name].amax, w[name], alpha) for name in GEMMS}
-        ln_1 = (ln_1[0] / smooth["in_proj"], ln_1[1] / smooth["in_proj"])
-        ln_2 = (ln_2[0] / smooth["c_fc"], ln_2[1] / smooth["c_fc"])
-        # out_proj's input is softmax(QK^T) V: divide the V rows of in_proj.
-        w["in_proj"] = w["in_proj"].clone()
-        w["in_proj"][2 * D :] /= smooth["out_proj"][:, None]
-        if b["in_proj"] is not None:
-            b["in_proj"] = b["in_proj"].clone()
-            b["in_proj"][2 * D :] /= smooth["out_proj"]
-
+        p, smooth = smooth_block(p, stats, float(config.smooth_alpha))
     x_scale = dict.fromkeys(GEMMS)
     if config.act_quant == "per_tensor_static":
         x_scale = {name: _static_scale(stats[name], smooth[name], config.static_percentile) for name in GEMMS}
 
     block = QuantBlock(
-        D, p.n_head, arch.mlp_hidden, p.activation, p.eps, config.attn_mode, config.mlp_mode,
-        attn_bias=arch.attn_bias, smooth_proj=smooth["c_proj"] is not None,
+        arch.width, p.n_head, arch.mlp_hidden, p.activation, p.eps, config.attn_mode, config.mlp_mode,
+        attn_bias=arch.attn_bias, smooth_proj=p.c_proj_smooth_inv is not None,
     )
-    _set_ln(block.ln_1, *ln_1)
-    _set_ln(block.ln_2, *ln_2)
+    _set_ln(block.ln_1, *p.ln_1)
+    _set_ln(block.ln_2, *p.ln_2)
     layers = {
-        "in_proj": (block.attn, "in_proj", config.attn_mode, True),
-        "out_proj": (block.attn, "out_proj", config.attn_mode, True),
-        "c_fc": (block.mlp, "c_fc", config.mlp_mode, True),
-        "c_proj": (block.mlp, "c_proj", config.mlp_mode, False),  # runtime smoothing
+        "in_proj": (block.attn, config.attn_mode),
+        "out_proj": (block.attn, config.attn_mode),
+        "c_fc": (block.mlp, config.mlp_mode),
+        "c_proj": (block.mlp, config.mlp_mode),
     }
-    for name, (parent, attr, mode, folded) in layers.items():
-        q = QuantLinear.from_float(w[name], b[name], mode, smooth=smooth[name], x_scale=x_scale[name], fold_smooth=folded)
-        setattr(parent, attr, q)
+    for name, (parent, mode) in layers.items():
+        q = QuantLinear.from_float(p.w[name], p.b[name], mode, x_scale=x_scale[name])
+        setattr(parent, name, q)
+    if p.c_proj_smooth_inv is not None:
+        block.mlp.c_proj.smooth_inv = p.c_proj_smooth_inv.clone()
     return block
 
 

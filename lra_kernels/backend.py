@@ -39,6 +39,15 @@ def attention_ref(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
     return out.transpose(1, 2).reshape(B, T, D)
 
 
+def matmul_rows(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a[B, K] @ w[K, N]`` with each row computed alone (a batch of ``1 x K`` GEMMs).
+
+    A plain ``a @ w`` picks its blocking from ``B``, so a row's float result could change with
+    the batch it shares; early-exit decisions must not, so heads and projections use this.
+    """
+    return torch.bmm(a.unsqueeze(1), w.expand(a.shape[0], *w.shape)).squeeze(1)
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -25,7 +25,6 @@ from .kernels.int8_gemm import ACTIVATIONS, apply_activation
 from .quant import quantize_paper_dynamic_ref, quantize_weight_paper, quantize_weight_per_channel
 
 MODES = ("per_token", "per_tensor_static", "paper", "float")
-SCALE_BUFFERS = ("w_scale", "bias", "x_scale", "smooth_inv")
 
 
 class QuantLinear(nn.Module):
@@ -86,15 +85,6 @@ class QuantLinear(nn.Module):
                     raise ValueError("per_tensor_static needs a calibrated x_scale")
                 layer.x_scale.copy_(torch.as_tensor(x_scale, dtype=torch.float32))
         return layer
-
-    def _apply(self, fn, recurse=True):
-        # Scales stay fp32 when the module's float dtype changes (e.g. ``.half()``).
-        super()._apply(fn, recurse)
-        for name in SCALE_BUFFERS + ("weight",):
-            t = getattr(self, name, None)
-            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
-                setattr(self, name, t.float())
-        return self
 
     def quantize(self, x: torch.Tensor, ops) -> tuple[torch.Tensor, torch.Tensor]:
         """``x[M, K]`` float -> ``(q[M, K] int8, x_scale[M] fp32)`` per this layer's mode."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backend import get_ops, resolve_backend, validate_backend
+from .backend import get_ops, matmul_rows, resolve_backend, validate_backend
 from .block import QuantBlock, QuantLinear
 from .config import QuantConfig, VisionArch
 
@@ -167,16 +167,16 @@ class QuantEarlyExitViT(nn.Module):
         return convert_open_clip(visual, config, calibration_images, backend=backend, compile_blocks=compile_blocks)
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        # Keep float storage fp32: scales and LayerNorms lose too much in half precision.
-        for module in self.modules():
-            for name, t in list(module._buffers.items()) + list(module._parameters.items()):
-                if t is not None and t.is_floating_point() and t.dtype != torch.float32:
-                    if name in module._parameters:
-                        module._parameters[name] = nn.Parameter(t.float(), requires_grad=False)
-                    else:
-                        module._buffers[name] = t.float()
-        return self
+        # Float storage stays fp32 whatever dtype a conversion asks for (scales and LayerNorms lose
+        # too much in half precision; the activations' dtype is the backend's choice). Device
+        # moves go through. This also holds when a parent (``clip.half()``) converts us.
+        def keep_dtype(t):
+            out = fn(t)
+            if t.is_floating_point() and out.dtype != t.dtype:
+                return t.to(out.device)
+            return out
+
+        return super()._apply(keep_dtype, recurse)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -262,7 +262,7 @@ class QuantEarlyExitViT(nn.Module):
             x = self.ln_post(x)
             pooled, tokens = self._global_pool(x)
         if self.proj is not None:
-            pooled = pooled @ self.proj
+            pooled = matmul_rows(pooled, self.proj)
         return pooled, tokens
 
     def _global_pool(self, x):

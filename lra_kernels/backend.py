@@ -1,8 +1,9 @@
 """Backend selection, in one place.
 
 A backend is a small namespace of operations with the contracts of the kernel references:
-``layernorm_quant``, ``quantize_per_token``, ``quantize_per_tensor``, ``int8_gemm`` and
-``attention``. Modules receive the namespace and call it; they never branch on the backend.
+``layernorm_quant``, ``quantize_per_token``, ``quantize_per_tensor``, ``int8_gemm``,
+``attention``, ``exit_head``, ``gate_features``, and ``attn_dtype`` (the dtype the qkv GEMM
+writes and the attention core runs in). Modules receive the namespace and call it; they never branch on the backend.
 
 - ``"torch"``: the ``*_ref`` functions (``torch._int_mm`` for the INT8 GEMMs). On CPU the
   transformer blocks are compiled with TorchInductor (see ``compile_blocks``) so that the
@@ -71,14 +72,24 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-TORCH_OPS = SimpleNamespace(
-    name="torch",
-    layernorm_quant=layernorm_quant_ref,
-    quantize_per_token=quantize_per_token_ref,
-    quantize_per_tensor=quantize_per_tensor_ref,
-    int8_gemm=int8_gemm_ref,
-    attention=attention_ref,
-)
+def _torch_ops() -> SimpleNamespace:
+    from .kernels.exit_head import exit_head_ref
+    from .kernels.gate_features import gate_features_ref
+
+    return SimpleNamespace(
+        name="torch",
+        attn_dtype=torch.float32,  # dtype of the qkv GEMM output and the attention core
+        layernorm_quant=layernorm_quant_ref,
+        quantize_per_token=quantize_per_token_ref,
+        quantize_per_tensor=quantize_per_tensor_ref,
+        int8_gemm=int8_gemm_ref,
+        attention=attention_ref,
+        exit_head=exit_head_ref,
+        gate_features=gate_features_ref,
+    )
+
+
+TORCH_OPS = _torch_ops()
 
 
 def get_ops(name: str) -> SimpleNamespace:

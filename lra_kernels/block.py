@@ -173,19 +173,20 @@ class QuantBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width, eps=eps)
         self.mlp = QuantMLP(width, hidden, activation, mlp_mode, smooth_proj=smooth_proj)
 
-    def _norm_linear(self, x, norm: nn.LayerNorm, linear: QuantLinear, ops, activation="none"):
+    def _norm_linear(self, x, norm: nn.LayerNorm, linear: QuantLinear, ops, activation="none", out_dtype=None):
+        out_dtype = out_dtype or x.dtype
         if linear.mode == "per_token" and linear.smooth_inv is None:
             q, x_scale = ops.layernorm_quant(x, norm.weight, norm.bias, norm.eps)
-            return linear.gemm(q, x_scale, ops, activation, None, x.dtype)
+            return linear.gemm(q, x_scale, ops, activation, None, out_dtype)
         h = F.layer_norm(x.float(), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        return linear(h, ops, activation, out_dtype=x.dtype)
+        return linear(h, ops, activation, out_dtype=out_dtype)
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
         B, T, D = x.shape
         x2 = x.reshape(B * T, D)
-        qkv = self._norm_linear(x2, self.ln_1, self.attn.in_proj, ops)
+        qkv = self._norm_linear(x2, self.ln_1, self.attn.in_proj, ops, out_dtype=ops.attn_dtype)
         a = ops.attention(qkv.view(B, T, 3 * D), self.attn.n_head).reshape(B * T, D)
-        x2 = self.attn.out_proj(a, ops, residual=x2)
+        x2 = self.attn.out_proj(a, ops, residual=x2, out_dtype=x2.dtype)
         h = self._norm_linear(x2, self.ln_2, self.mlp.c_fc, ops, self.mlp.activation)
         x2 = self.mlp.c_proj(h, ops, residual=x2)
         return x2.view(B, T, D)

@@ -7,6 +7,7 @@
 
 from .config import QuantConfig, VisionArch
 from .model import QuantEarlyExitViT
+from .policy import ExitPolicy
 
-__all__ = ["QuantEarlyExitViT", "QuantConfig", "VisionArch"]
+__all__ = ["QuantEarlyExitViT", "ExitPolicy", "QuantConfig", "VisionArch"]
 __version__ = "0.1.0"

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from .backend import get_ops, matmul_rows, resolve_backend, validate_backend
 from .block import QuantBlock, QuantLinear
 from .config import QuantConfig, VisionArch
+from .executor import AllExitsResult, ClassifyResult, run_all_exits, run_early_exit
+from .flops import FlopsModel, flops_model
+from .policy import ExitPolicy
 
 
 class PatchEmbed(nn.Module):
@@ -133,6 +136,11 @@ class QuantEarlyExitViT(nn.Module):
         self.transformer = QuantTransformer(blocks)
         self.ln_post = nn.LayerNorm(D, eps=arch.eps)
         self.register_buffer("proj", torch.zeros(D, arch.output_dim) if arch.has_proj else None)
+        # zero-shot classifier (set_classifier); saved through extra_state, not the state dict
+        self.register_buffer("classifier", None, persistent=False)
+        self.logit_scale = 100.0
+        self.class_names: list[str] | None = None
+        self._exit_policy = ExitPolicy.disabled()
         self.requires_grad_(False)
         self.eval()
 
@@ -258,6 +266,11 @@ class QuantEarlyExitViT(nn.Module):
         if self.final_ln_after_pool:
             pooled, tokens = self._global_pool(x)
             pooled = self.ln_post(pooled)
+        elif self.pool_type == "tok":
+            # LayerNorm is per token: normalising the class token alone gives the same pooled row.
+            pooled, tokens = self.ln_post(x[:, 0]), x[:, 1:]
+            if self.output_tokens:
+                tokens = self.ln_post(tokens)
         else:
             x = self.ln_post(x)
             pooled, tokens = self._global_pool(x)
@@ -297,11 +310,114 @@ class QuantEarlyExitViT(nn.Module):
             if self.output_tokens:
                 return out, images.new_zeros(0, self.grid_size[0] * self.grid_size[1], self.width)
             return out
+        if self.early_exit_active and not self.output_tokens:
+            # Exit heads give directions, not the final head's norms: all rows come back normalised.
+            return self.classify(images).embeddings.to(images.dtype)
         with torch.autocast(images.device.type, enabled=False):
             pooled, tokens = self.pool(self.forward_tokens(images))
         if self.output_tokens:
             return pooled.to(images.dtype), tokens.to(images.dtype)
         return pooled.to(images.dtype)
+
+    # ------------------------------------------------------------------ early exit
+    @property
+    def exit_policy(self) -> ExitPolicy:
+        return self._exit_policy
+
+    @exit_policy.setter
+    def exit_policy(self, policy: ExitPolicy | None) -> None:
+        policy = ExitPolicy.disabled() if policy is None else policy
+        if not isinstance(policy, ExitPolicy):
+            raise TypeError(f"exit_policy must be an ExitPolicy, got {type(policy).__name__}")
+        policy.validate_for(self.depth)
+        if policy.head == "patch_mean" and self.arch.num_tokens < 2:
+            raise ValueError("a patch_mean exit head needs patch tokens")
+        self._exit_policy = policy
+
+    @property
+    def early_exit_active(self) -> bool:
+        """True when a classifier is set and the policy has exit points."""
+        return self.classifier is not None and self.exit_policy.enabled
+
+    def set_classifier(
+        self, text_features: torch.Tensor, logit_scale: float = 100.0, class_names: list[str] | None = None
+    ) -> None:
+        """Zero-shot classes: ``text_features[C, output_dim]`` with L2-normalised rows."""
+        if not isinstance(text_features, torch.Tensor) or not text_features.is_floating_point():
+            raise TypeError(f"text_features must be a float tensor [C, {self.output_dim}], got {type(text_features).__name__}")
+        if text_features.ndim != 2 or text_features.shape[1] != self.output_dim or text_features.shape[0] < 1:
+            raise ValueError(f"text_features must have shape [C, {self.output_dim}] with C >= 1, got {tuple(text_features.shape)}")
+        t = text_features.detach().float()
+        if not torch.isfinite(t).all():
+            raise ValueError("text_features contain NaN or Inf")
+        norms = t.norm(dim=-1)
+        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+            raise ValueError(
+                f"text_features rows must be L2-normalised (norms range {norms.min():.4f}..{norms.max():.4f}); "
+                "use torch.nn.functional.normalize(text_features, dim=-1)"
+            )
+        if class_names is not None and len(class_names) != t.shape[0]:
+            raise ValueError(f"{len(class_names)} class names for {t.shape[0]} classes")
+        if not (isinstance(logit_scale, (int, float)) and logit_scale > 0):
+            raise ValueError(f"logit_scale must be a positive number, got {logit_scale!r}")
+        self.classifier = t.to(self.device).contiguous()
+        self.logit_scale = float(logit_scale)
+        self.class_names = list(class_names) if class_names is not None else None
+
+    def clear_classifier(self) -> None:
+        self.classifier, self.class_names = None, None
+
+    def _require_classifier(self) -> torch.Tensor:
+        if self.classifier is None:
+            raise RuntimeError("no classifier set: call set_classifier(text_features) first")
+        return self.classifier
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor, return_gate: bool = False) -> ClassifyResult:
+        """Zero-shot classification with early exits (full depth when the policy is disabled).
+
+        Returns logits[B, C], L2-normalised embeddings[B, E], exit_layer[B] (int64; ``depth``
+        means the whole network and the model's own head) and, with ``return_gate``, the gate
+        features and scores at each exit point.
+        """
+        text = self._require_classifier()
+        images = self.check_images(images)
+        with torch.autocast(images.device.type, enabled=False):
+            return run_early_exit(self, images.float(), self.exit_policy, text, self.logit_scale, return_gate)
+
+    @torch.no_grad()
+    def all_exits(self, images: torch.Tensor, layers: tuple[int, ...] | None = None, head: str | None = None) -> AllExitsResult:
+        """Evaluate exit heads + gate features at ``layers`` (default: the policy's) and the
+        final head, on every sample, without leaving early (calibration / evaluation)."""
+        text = self._require_classifier()
+        images = self.check_images(images)
+        layers = tuple(self.exit_policy.exit_layers if layers is None else sorted(set(int(x) for x in layers)))
+        if layers and (layers[0] < 1 or layers[-1] > self.depth - 1):
+            raise ValueError(f"exit layers must lie in 1..{self.depth - 1}, got {layers}")
+        with torch.autocast(images.device.type, enabled=False):
+            return run_all_exits(self, images.float(), layers, text, self.logit_scale, head or self.exit_policy.head)
+
+    def flops(self, num_classes: int | None = None) -> FlopsModel:
+        """Per-sample FLOPs of each stage (see ``lra_kernels.flops``)."""
+        if num_classes is None:
+            num_classes = self._require_classifier().shape[0]
+        return flops_model(self.arch, num_classes, self.exit_policy.head)
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors and JSON for save(): exit policy and classifier."""
+        tensors, policy_info = self.exit_policy.to_state()
+        info = {"exit_policy": policy_info}
+        if self.classifier is not None:
+            tensors["classifier.text_features"] = self.classifier
+            info["classifier"] = {"logit_scale": self.logit_scale, "class_names": self.class_names}
+        return tensors, info
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
+        if "classifier" in info:
+            c = info["classifier"]
+            self.set_classifier(tensors["classifier.text_features"], c["logit_scale"], c.get("class_names"))
+        if "exit_policy" in info:
+            self.exit_policy = ExitPolicy.from_state(tensors, info["exit_policy"])
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:

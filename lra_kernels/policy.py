@@ -1,0 +1,120 @@
+"""``ExitPolicy``: where the tower may exit and the gate that decides who leaves.
+
+At exit ``j`` (after ``exit_layers[j]`` blocks) a sample leaves when
+
+    z = (features - feature_mean[j]) / feature_std[j]          features = (confidence, margin, svar)
+    sigmoid(z . weight[j] + bias[j]) >= threshold[j]
+
+A sample whose features are not finite never leaves early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .kernels.exit_head import POOLS
+from .kernels.gate_features import N_FEATURES
+
+TENSOR_FIELDS = ("weight", "bias", "feature_mean", "feature_std", "threshold")
+
+
+def _as_f32(name: str, value, shape: tuple[int, ...]) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float32).detach().cpu().contiguous()
+    if tuple(t.shape) != shape:
+        raise ValueError(f"ExitPolicy.{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if torch.isnan(t).any():
+        raise ValueError(f"ExitPolicy.{name} contains NaN")
+    return t
+
+
+@dataclass(frozen=True, eq=False)
+class ExitPolicy:
+    """Exit points, gate weights and thresholds (built by ``lra_ee`` calibration, or by hand).
+
+    exit_layers: blocks run before each exit, ascending, each in 1..depth-1.
+    weight[L, 3], bias[L]: per-exit logistic regression over standardised
+        (confidence, margin, spatial variance).
+    feature_mean[L, 3], feature_std[L, 3]: the standardisation (from the calibration split).
+    threshold[L]: exit when the gate's probability is >= threshold (> 1 never exits).
+    head: ``"patch_mean"`` (spatio-semantic aggregation) or ``"cls"`` (the ablation).
+    """
+
+    exit_layers: tuple[int, ...]
+    weight: torch.Tensor
+    bias: torch.Tensor
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+    threshold: torch.Tensor
+    head: str = "patch_mean"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        layers = tuple(int(layer) for layer in self.exit_layers)
+        if any(a >= b for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"exit_layers must be strictly ascending, got {layers}")
+        if layers and layers[0] < 1:
+            raise ValueError(f"exit_layers must be >= 1 (blocks run before the exit), got {layers}")
+        object.__setattr__(self, "exit_layers", layers)
+        L = len(layers)
+        shapes = {"weight": (L, N_FEATURES), "bias": (L,), "feature_mean": (L, N_FEATURES),
+                  "feature_std": (L, N_FEATURES), "threshold": (L,)}
+        for name, shape in shapes.items():
+            object.__setattr__(self, name, _as_f32(name, getattr(self, name), shape))
+        if (self.feature_std <= 0).any() or not torch.isfinite(self.feature_std).all():
+            raise ValueError("ExitPolicy.feature_std must be finite and > 0")
+        if not torch.isfinite(self.weight).all() or not torch.isfinite(self.bias).all():
+            raise ValueError("ExitPolicy.weight and bias must be finite")
+        if self.head not in POOLS:
+            raise ValueError(f"ExitPolicy.head must be one of {POOLS}, got {self.head!r}")
+
+    @classmethod
+    def disabled(cls) -> "ExitPolicy":
+        """No exits: the full-depth INT8 model."""
+        return cls((), torch.zeros(0, 3), torch.zeros(0), torch.zeros(0, 3), torch.ones(0, 3), torch.zeros(0))
+
+    @property
+    def enabled(self) -> bool:
+        return len(self.exit_layers) > 0
+
+    def validate_for(self, depth: int) -> None:
+        if self.exit_layers and self.exit_layers[-1] > depth - 1:
+            raise ValueError(
+                f"exit_layers {self.exit_layers} must lie in 1..{depth - 1} for a tower of depth {depth} "
+                f"(exiting after the last block is the model's own head)"
+            )
+
+    def gate_scores(self, j: int, features: torch.Tensor) -> torch.Tensor:
+        """Gate probability at exit ``j`` for ``features[B, 3]`` (NaN stays NaN)."""
+        dev = features.device
+        z = (features - self.feature_mean[j].to(dev)) / self.feature_std[j].to(dev)
+        return torch.sigmoid(z @ self.weight[j].to(dev) + self.bias[j].to(dev))
+
+    def leaves(self, j: int, features: torch.Tensor) -> torch.Tensor:
+        """Boolean ``[B]``: who leaves at exit ``j``. NaN scores compare False: those samples stay."""
+        return self.gate_scores(j, features) >= self.threshold[j].to(features.device)
+
+    def with_thresholds(self, threshold) -> "ExitPolicy":
+        return ExitPolicy(self.exit_layers, self.weight, self.bias, self.feature_mean, self.feature_std,
+                          threshold, self.head, dict(self.meta))
+
+    # -------------------------------------------------------------- persistence
+    def to_state(self, prefix: str = "exit_policy.") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {prefix + name: getattr(self, name) for name in TENSOR_FIELDS}
+        return tensors, {"exit_layers": list(self.exit_layers), "head": self.head, "meta": self.meta}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], info: dict[str, Any], prefix: str = "exit_policy.") -> "ExitPolicy":
+        missing = [prefix + n for n in TENSOR_FIELDS if prefix + n not in tensors]
+        if missing:
+            raise ValueError(f"saved exit policy lacks tensors {missing}")
+        return cls(tuple(info["exit_layers"]), *(tensors[prefix + n] for n in TENSOR_FIELDS),
+                   head=info.get("head", "patch_mean"), meta=dict(info.get("meta", {})))
+
+    def __repr__(self) -> str:
+        if not self.enabled:
+            return "ExitPolicy.disabled()"
+        return (f"ExitPolicy(exit_layers={self.exit_layers}, threshold={[round(t, 4) for t in self.threshold.tolist()]}, "
+                f"head={self.head!r})")

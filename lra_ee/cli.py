@@ -16,6 +16,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve_main
+
+    return serve_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lra-ee",
@@ -29,6 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--bench-seconds", type=float, default=4.0, help="timing per throughput measurement")
     demo.set_defaults(func=_demo)
+
+    serve = sub.add_parser("serve", help="serve a saved model directory over HTTP on Ray Serve (extra: serve)")
+    serve.add_argument("--model-dir", required=True, help="directory written by QuantEarlyExitViT.save / lra-ee calibrate")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--replicas", type=int, default=1)
+    serve.add_argument("--max-batch-size", type=int, default=64)
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0)
+    serve.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    serve.set_defaults(func=_serve)
     return parser
 
 

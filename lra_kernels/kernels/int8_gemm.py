@@ -11,7 +11,15 @@ Shapes and dtypes: ``q[M, K]`` int8, ``wq_t[K, N]`` int8 (the transposed weight,
 ``bias[N]`` fp32, ``residual[M, N]`` float.
 
 ``int8_gemm_ref`` is the contract and the CPU path (``torch._int_mm``: oneDNN VNNI on x86);
-``int8_gemm`` (Triton) lands with the kernel work and must match it.
+``int8_gemm`` is the Triton kernel: ``BLOCK_M x BLOCK_N`` output tiles, int8 ``tl.dot`` into an
+int32 accumulator over ``BLOCK_K`` slices of ``K``, the epilogue in fp32 registers, one store.
+Tiles are visited in groups of ``GROUP_M`` rows of tiles so that consecutive programs share
+``wq_t`` column panels in L2. The integer sums are exact and the epilogue is element-wise, so
+a row's output never depends on the tile configuration or on the other rows of the batch.
+
+Activations (fp32): ``gelu(y) = 0.5 y (1 + erf(y / sqrt 2))``;
+``gelu_tanh(y) = y * sigmoid(2 sqrt(2/pi) (y + 0.044715 y^3))`` (the same function as
+``0.5 y (1 + tanh(.))``, without a tanh); ``quick_gelu(y) = y * sigmoid(1.702 y)``.
 """
 
 from __future__ import annotations
@@ -19,7 +27,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._launch import FLOAT_DTYPES, check_device, check_out, check_tensor, interpreting, next_pow2
+from ._triton import tl, triton
+
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu")
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
@@ -77,3 +89,227 @@ def int8_gemm_ref(
     if residual is not None:
         y = y + residual.float()
     return y.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------- Triton
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Int8 tiles are half the bytes of fp16
+# ones, so BLOCK_K = 128 keeps 128-byte rows; the largest tiles (128x256x128, 3 stages) use
+# 144 KiB of shared memory, within the 227 KiB of an H100/H200 SM. Small-M tiles serve batch 1
+# (M = 50 for ViT-B/32) and the compacted batches of late exits.
+_GPU_CONFIGS = (
+    (128, 256, 128, 3, 8),
+    (256, 128, 128, 3, 8),
+    (128, 128, 128, 4, 8),
+    (128, 128, 128, 4, 4),
+    (128, 256, 64, 4, 8),
+    (64, 128, 128, 4, 4),
+    (64, 256, 128, 3, 4),
+    (64, 64, 128, 4, 4),
+    (32, 64, 128, 4, 4),
+)
+# Under the interpreter: one config (autotuning needs a GPU); large tiles mean fewer programs.
+_INTERPRETER_CONFIG = (64, 64, 64, 1, 4)
+GROUP_M = 8
+
+
+def _configs() -> list:
+    table = (_INTERPRETER_CONFIG,) if interpreting() else _GPU_CONFIGS
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}, num_stages=s, num_warps=w)
+        for bm, bn, bk, s, w in table
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles far taller than the problem (batch 1) and the 32-row tile on large problems."""
+    if len(configs) <= 1:
+        return configs
+    m = named_args["M_BUCKET"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m) and (m <= 256 or c.kwargs["BLOCK_M"] >= 64)]
+    return kept or configs
+
+
+_ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _int8_gemm_kernel(
+    # pointers
+    q_ptr,
+    w_ptr,
+    x_scale_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    residual_ptr,
+    out_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    M_BUCKET,  # autotune key only: next_pow2(M), so that each batch size does not retune
+    # strides
+    stride_qm,
+    stride_qk,
+    stride_wk,
+    stride_wn,
+    stride_xs,
+    stride_ws,
+    stride_bias,
+    stride_rm,
+    stride_rn,
+    stride_om,
+    stride_on,
+    # constexprs
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M tile-rows advance together along N, so a wq_t panel is reused
+    # from L2 by GROUP_M programs before it is evicted.
+    per_group = GROUP_M * tiles_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows/columns past the edge load a valid neighbour instead of being masked in the K loop;
+    # their results are never stored.
+    load_m = tl.minimum(offs_m, M - 1)
+    load_n = tl.minimum(offs_n, N - 1)
+    a_ptrs = q_ptr + load_m[:, None] * stride_qm + offs_k[None, :] * stride_qk
+    b_ptrs = w_ptr + offs_k[:, None] * stride_wk + load_n[None, :] * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K * stride_qk
+        b_ptrs += BLOCK_K * stride_wk
+
+    # epilogue, fp32 in registers, in the reference's order
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    xs = tl.load(x_scale_ptr + load_m * stride_xs)
+    ws = tl.load(w_scale_ptr + load_n * stride_ws)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + load_n * stride_bias)[None, :]
+    if ACTIVATION == 1:  # gelu (erf)
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACTIVATION == 2:  # gelu (tanh approximation) = y * sigmoid(2u)
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = y / (1.0 + tl.exp(-2.0 * u))
+    elif ACTIVATION == 3:  # quick_gelu
+        y = y / (1.0 + tl.exp(-1.702 * y))
+    mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RESIDUAL:
+        r_ptrs = residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
+        y = y + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def int8_gemm(
+    q: torch.Tensor,
+    wq_t: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton fused INT8 GEMM with the contract of ``int8_gemm_ref`` (see the module docstring).
+
+    ``out`` (optional): a caller buffer ``[M, N]`` of ``out_dtype`` to write into; it must not be
+    ``residual`` (autotuning runs the kernel more than once).
+    """
+    op = "int8_gemm"
+    check_tensor(op, "q", q, dtypes=(torch.int8,), ndim=2, shape_hint="[M, K]")
+    check_tensor(op, "wq_t", wq_t, dtypes=(torch.int8,), ndim=2, shape_hint="[K, N]")
+    M, K = q.shape
+    if wq_t.shape[0] != K:
+        raise ValueError(f"int8_gemm: expected wq_t of shape [K={K}, N] (q is [{M}, {K}]), got {list(wq_t.shape)}")
+    N = wq_t.shape[1]
+    check_tensor(op, "x_scale", x_scale, dtypes=(torch.float32,), ndim=1, shape_hint=f"[M={M}]")
+    if x_scale.shape[0] != M:
+        raise ValueError(f"int8_gemm: expected x_scale of shape [M={M}], got {list(x_scale.shape)}")
+    check_tensor(op, "w_scale", w_scale, dtypes=(torch.float32,), ndim=1, shape_hint=f"[N={N}]")
+    if w_scale.shape[0] != N:
+        raise ValueError(f"int8_gemm: expected w_scale of shape [N={N}], got {list(w_scale.shape)}")
+    if bias is not None:
+        check_tensor(op, "bias", bias, dtypes=(torch.float32,), ndim=1, shape_hint=f"[N={N}]")
+        if bias.shape[0] != N:
+            raise ValueError(f"int8_gemm: expected bias of shape [N={N}], got {list(bias.shape)}")
+    if residual is not None:
+        check_tensor(op, "residual", residual, dtypes=FLOAT_DTYPES, ndim=2, shape_hint=f"[M={M}, N={N}]")
+        if tuple(residual.shape) != (M, N):
+            raise ValueError(f"int8_gemm: expected residual of shape [M={M}, N={N}], got {list(residual.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"int8_gemm: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"int8_gemm: out_dtype must be one of float32/float16/bfloat16, got {out_dtype}")
+    device = check_device(
+        op, {"q": q, "wq_t": wq_t, "x_scale": x_scale, "w_scale": w_scale, "bias": bias, "residual": residual}
+    )
+    check_out(op, out, (M, N), out_dtype, device)
+    if out is not None and residual is not None and out.data_ptr() == residual.data_ptr():
+        raise ValueError("int8_gemm: out must not alias residual (the autotuner may launch the kernel more than once)")
+    if out is None:
+        out = torch.empty((M, N), dtype=out_dtype, device=device)
+    if M == 0 or N == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _int8_gemm_kernel[grid](
+        q,
+        wq_t,
+        x_scale,
+        w_scale,
+        bias if bias is not None else w_scale,
+        residual if residual is not None else out,
+        out,
+        M,
+        N,
+        K,
+        next_pow2(M),
+        q.stride(0),
+        q.stride(1),
+        wq_t.stride(0),
+        wq_t.stride(1),
+        x_scale.stride(0),
+        w_scale.stride(0),
+        bias.stride(0) if bias is not None else 0,
+        residual.stride(0) if residual is not None else 0,
+        residual.stride(1) if residual is not None else 0,
+        out.stride(0),
+        out.stride(1),
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        ACTIVATION=_ACT_CODES[activation],
+    )
+    return out

@@ -15,9 +15,11 @@ Triton kernel: one program per sample.
   occurrence (the top-1 class ``c1``); a second sums ``exp(l - l_max)`` and takes the largest
   logit other than ``c1`` (so tied maxima give a zero margin, as ``topk`` does). Then
   ``conf = 1 / sum`` and ``margin = conf - exp(l_2 - l_max) / sum``.
-- tokens, in ``BLOCK_T x BLOCK_D`` tiles of ``h[b, 1:, :]`` read once: each tile's column means
-  and squared deviations are merged into running ones (Chan et al.'s pairwise update), which
-  stays accurate when a channel's mean dwarfs its spread (the outlier channels of CLIP).
+- tokens, in ``BLOCK_T x BLOCK_D`` tiles of ``h[b, 1:, :]`` read once: per channel, sums of
+  ``h - shift`` and of its square, ``shift`` being the first tile's column mean;
+  ``Var = S2/n - (S1/n)^2``. The shift cancels a channel's common offset before anything is
+  squared, so the variance stays accurate when a channel's mean dwarfs its spread (the outlier
+  channels of CLIP) while ``h`` is still read only once.
 
 Block sizes depend on ``C``, ``T`` and ``D`` only, never on ``B``.
 """
@@ -109,27 +111,30 @@ def _gate_features_kernel(
     else:
         margin = conf * 0.0 + 1.0
 
-    # ---- spatial variance over patch tokens, one read of h
+    # ---- spatial variance over patch tokens, one read of h: sums of (h - shift) and its square,
+    # the shift being the first tile's column mean, so a channel's large common offset cancels
+    # before anything is squared.
     t = tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     h_row = h_ptr + b * stride_hb
-    mean = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for t0 in range(1, T, BLOCK_T):
+    mask = ((1 + t) < T)[:, None] & d_ok[None, :]
+    tile = tl.load(h_row + (1 + t)[:, None] * stride_ht + d[None, :] * stride_hd, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.sum(tile, axis=0) / tl.minimum(T - 1, BLOCK_T)
+    dev = tl.where(mask, tile - shift[None, :], 0.0)
+    s1 = tl.sum(dev, axis=0)
+    s2 = tl.sum(dev * dev, axis=0)
+    for t0 in range(1 + BLOCK_T, T, BLOCK_T):
         tt = t0 + t
         mask = (tt < T)[:, None] & d_ok[None, :]
         tile = tl.load(h_row + tt[:, None] * stride_ht + d[None, :] * stride_hd, mask=mask, other=0.0).to(tl.float32)
-        n_old = (t0 - 1) * 1.0  # tokens merged so far, as fp32
-        n_tile = tl.minimum(T - t0, BLOCK_T) * 1.0
-        n_new = n_old + n_tile
-        tile_mean = tl.sum(tile, axis=0) / n_tile
-        dev = tl.where(mask, tile - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(dev * dev, axis=0)
-        delta = tile_mean - mean
-        mean = mean + delta * (n_tile / n_new)
-        m2 = m2 + tile_m2 + delta * delta * (n_old * n_tile / n_new)
-    var = m2 / (T - 1)
+        dev = tl.where(mask, tile - shift[None, :], 0.0)
+        s1 += tl.sum(dev, axis=0)
+        s2 += tl.sum(dev * dev, axis=0)
+    n_patch = (T - 1) * 1.0
+    mean_dev = s1 / n_patch
+    var = s2 / n_patch - mean_dev * mean_dev
+    var = tl.where(var < 0.0, 0.0, var)  # rounding; where() keeps NaN (maximum() may not)
     svar = tl.sum(tl.where(d_ok, var, 0.0), axis=0) / D
 
     bad = (tl.sum(n_bad, axis=0) > 0) | ((tl.abs(svar) < float("inf")) == 0)

@@ -1,0 +1,150 @@
+"""The ``"triton"`` backend as a whole: its namespace, and a tiny ViT end to end against ``"torch"``.
+
+Without a GPU everything runs in Triton's interpreter on CPU tensors (slow: tiny towers only).
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import cosine, images_for, make_tower
+from kernel_checks import DEVICE, gpu, ignore_fp_warnings
+from lra_kernels import QuantEarlyExitViT
+from lra_kernels.backend import TORCH_OPS, get_ops
+from lra_kernels.kernels import triton_ops
+
+
+def test_namespace_has_the_torch_backends_fields():
+    ops = triton_ops()
+    assert ops is triton_ops() is get_ops("triton")  # cached
+    assert set(vars(ops)) == set(vars(TORCH_OPS))
+    assert ops.name == "triton"
+    assert ops.attn_dtype == (torch.float16 if DEVICE.type == "cuda" else torch.float32)
+    for name, fn in vars(ops).items():
+        if callable(fn) and name != "attention":
+            assert fn.__module__.startswith("lra_kernels.kernels."), name
+            assert fn is not getattr(TORCH_OPS, name), name
+
+
+def _recording(ops):
+    """A copy of ``ops`` whose ``int8_gemm`` records the codes and scales it is handed."""
+    seen = []
+
+    def int8_gemm(q, wq_t, x_scale, *args, **kwargs):
+        seen.append((q.clone(), x_scale.clone()))
+        return ops.int8_gemm(q, wq_t, x_scale, *args, **kwargs)
+
+    return SimpleNamespace(**{**vars(ops), "int8_gemm": int8_gemm}), seen
+
+
+def _pair(act_quant="per_token", act="gelu", **kwargs):
+    v = make_tower(act=act)
+    if act_quant == "per_tensor_static" or kwargs.get("smooth_alpha") is not None:
+        kwargs["calibration_images"] = images_for(v, 8, seed=5)
+    ref = QuantEarlyExitViT.from_open_clip(v, act_quant=act_quant, backend="torch", compile_blocks=False, **kwargs)
+    tri = QuantEarlyExitViT.from_open_clip(v, act_quant=act_quant, backend="triton", **kwargs)
+    return v, ref.to(DEVICE), tri.to(DEVICE)
+
+
+SCHEMES = (
+    ("per_token", "gelu", {}),
+    ("per_token", "quick_gelu", {"smooth_alpha": 0.5}),
+    ("per_tensor_static", "gelu", {}),
+    ("paper", "gelu", {}),
+)
+
+
+@ignore_fp_warnings
+@pytest.mark.parametrize("act_quant,act,kwargs", SCHEMES, ids=[f"{s[0]}-{s[1]}" for s in SCHEMES])
+def test_tiny_vit_end_to_end_matches_torch_backend(act_quant, act, kwargs):
+    v, ref, tri = _pair(act_quant, act, **kwargs)
+    assert tri.resolved_backend == "triton" and tri.ops() is triton_ops()
+    images = images_for(v, 3).to(DEVICE)
+    y_ref, y_tri = ref(images), tri(images)
+    assert y_tri.shape == y_ref.shape and y_tri.dtype == y_ref.dtype
+    assert cosine(y_ref, y_tri).min().item() > 0.9999
+    # and against the FP32 open_clip tower, as loosely as the torch backend itself
+    with torch.no_grad():
+        y_fp = v.to(DEVICE)(images)
+    assert cosine(y_fp, y_tri).min().item() > cosine(y_fp, y_ref).min().item() - 1e-3
+
+
+@ignore_fp_warnings
+@pytest.mark.parametrize("act_quant", ("per_token", "per_tensor_static", "paper"))
+def test_int8_codes_match_block_by_block(act_quant):
+    """Fed the same tokens, each block hands its GEMMs the same INT8 codes on both backends.
+
+    Exceptions allowed: a code may differ by one where the float value it rounds sits within an
+    ulp or so of a rounding boundary (LayerNorm and GELU round differently by an ulp); those are
+    rare (< 0.1%). The per-tensor scheme's codes of the first GEMM need no LayerNorm: exact.
+    """
+    v, ref, tri = _pair(act_quant)
+    ops_ref, seen_ref = _recording(ref.ops())
+    ops_tri, seen_tri = _recording(tri.ops())
+    images = images_for(v, 2).to(DEVICE)
+    x = ref.embed(images, ops_ref)
+    for i in range(ref.depth):
+        y_ref = ref.run_block(i, x, ops_ref)
+        y_tri = tri.run_block(i, x, ops_tri)
+        assert cosine(y_ref.flatten(1), y_tri.flatten(1)).min().item() > 0.99999
+        x = y_ref
+    int8_gemms = 2 if act_quant == "paper" else 4  # the paper's scheme leaves attention in float
+    assert len(seen_ref) == len(seen_tri) == int8_gemms * ref.depth
+    n_diff = n_all = 0
+    for (q_r, s_r), (q_t, s_t) in zip(seen_ref, seen_tri):
+        diff = (q_r.int() - q_t.int()).abs()
+        assert diff.max().item() <= 1
+        n_diff, n_all = n_diff + (diff > 0).sum().item(), n_all + diff.numel()
+        torch.testing.assert_close(s_t, s_r, atol=0, rtol=1e-5)
+    assert n_diff <= 1e-3 * n_all, f"{n_diff} of {n_all} codes differ"
+
+
+@ignore_fp_warnings
+def test_exit_heads_and_gate_features_through_the_model():
+    from lra_kernels import ExitPolicy
+
+    v, ref, tri = _pair()
+    text = F.normalize(torch.randn(7, ref.output_dim), dim=-1)
+    for m in (ref, tri):
+        m.set_classifier(text.to(DEVICE), logit_scale=50.0)
+    images = images_for(v, 4).to(DEVICE)
+    a, b = ref.all_exits(images, (1, 2)), tri.all_exits(images, (1, 2))
+    assert a.layers == b.layers
+    torch.testing.assert_close(b.logits, a.logits, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(b.embeddings, a.embeddings, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(b.features, a.features, atol=1e-4, rtol=1e-3)
+    # early exit with everyone leaving at the first exit: same results, same layer
+    policy = ExitPolicy(
+        exit_layers=(1,),
+        weight=torch.zeros(1, 3),
+        bias=torch.full((1,), 5.0),
+        feature_mean=torch.zeros(1, 3),
+        feature_std=torch.ones(1, 3),
+        threshold=torch.full((1,), 0.5),
+    )
+    ref.exit_policy, tri.exit_policy = policy, policy
+    ra, rb = ref.classify(images), tri.classify(images)
+    assert torch.equal(ra.exit_layer.cpu(), rb.exit_layer.cpu()) and (rb.exit_layer == 1).all()
+    torch.testing.assert_close(rb.logits, ra.logits, atol=2e-3, rtol=1e-3)
+
+
+@gpu
+def test_auto_backend_runs_triton_on_cuda():
+    v = make_tower()
+    q = QuantEarlyExitViT.from_open_clip(v, backend="auto").cuda()
+    assert q.resolved_backend == "triton" and q.ops() is triton_ops()
+    images = images_for(v, 4).cuda()
+    ref = QuantEarlyExitViT.from_open_clip(v, backend="torch").cuda()
+    assert cosine(q(images), ref(images)).min().item() > 0.999
+
+
+@gpu
+def test_vit_b_32_on_gpu_matches_torch_backend():
+    open_clip = pytest.importorskip("open_clip")
+    clip = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    images = torch.randn(8, 3, 224, 224, device="cuda")
+    tri = QuantEarlyExitViT.from_open_clip(clip.visual, backend="triton").cuda()
+    ref = QuantEarlyExitViT.from_open_clip(clip.visual, backend="torch").cuda()
+    assert cosine(tri(images), ref(images)).min().item() > 0.999

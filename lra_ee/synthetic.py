@@ -93,3 +93,49 @@ def measure_outlier_ratio(
     mask[channels] = True
     ratios = [o[..., mask].mean() / o[..., ~mask].mean() for o in outs]
     return float(torch.stack(ratios).median())
+
+
+# ---------------------------------------------------------------------- the built-in task
+@dataclass(frozen=True)
+class SyntheticTask:
+    """A zero-shot task with a known answer, for machines without real data.
+
+    Class "text" embeddings are the FP32 tower's own (normalised) embeddings of ``C`` generated
+    prototype images; each sample is a prototype blended with a distractor image, the blend
+    weight drawn per sample, labelled with its prototype's class. FP32 accuracy is well above
+    chance but not perfect, so the four-quadrant table is non-trivial. Synthetic: its
+    accuracies say nothing about CLIP on real images.
+    """
+
+    images: torch.Tensor  # [N, 3, H, W]
+    labels: torch.Tensor  # [N]
+    text_features: torch.Tensor  # [C, E]
+    class_names: list[str]
+    description: str
+
+
+def _smooth_images(n: int, size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """Random images with low- and mid-frequency structure, roughly normalised like CLIP inputs."""
+    import torch.nn.functional as F
+
+    coarse = F.interpolate(torch.randn(n, 3, 7, 7, generator=gen), size=size, mode="bicubic", align_corners=False)
+    mid = F.interpolate(torch.randn(n, 3, 28, 28, generator=gen), size=size, mode="bicubic", align_corners=False)
+    return coarse + 0.3 * mid
+
+
+@torch.no_grad()
+def builtin_task(visual: nn.Module, n_classes: int = 20, n_images: int = 1000, seed: int = 0,
+                 blend: tuple[float, float] = (0.2, 0.9), batch_size: int = 64) -> SyntheticTask:
+    """Build the synthetic task for ``visual`` (its FP32 embeddings define the classes)."""
+    gen = torch.Generator().manual_seed(seed)
+    size = tuple(visual.image_size)
+    prototypes = _smooth_images(n_classes, size, gen)
+    dev = next(visual.parameters()).device
+    text = torch.nn.functional.normalize(visual(prototypes.to(dev)).float().cpu(), dim=-1)
+    labels = torch.randint(0, n_classes, (n_images,), generator=gen)
+    w = torch.empty(n_images).uniform_(*blend, generator=gen)[:, None, None, None]
+    distractors = _smooth_images(n_images, size, gen)
+    images = w * prototypes[labels] + (1 - w) * distractors
+    desc = (f"synthetic: {n_classes} prototype classes, {n_images} blended samples (blend {blend[0]}..{blend[1]}), "
+            f"class embeddings = FP32 tower embeddings of the prototypes; seed {seed}")
+    return SyntheticTask(images, labels, text, [f"prototype {i}" for i in range(n_classes)], desc)

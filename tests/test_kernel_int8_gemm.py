@@ -5,7 +5,7 @@ import torch
 
 from conftest import M_SIZES
 from kernel_checks import DEVICE, assert_within_torch_error, gpu, ignore_fp_warnings, poisoned
-from lra_kernels.kernels.int8_gemm import ACTIVATIONS, apply_activation, int8_gemm, int8_gemm_ref
+from lra_kernels.kernels.int8_gemm import ACTIVATIONS, apply_activation, gpu_configs, int8_gemm, int8_gemm_ref
 
 # (K, N): not multiples of the blocks, one K spanning several BLOCK_K slices with a ragged tail
 KN_SIZES = ((8, 8), (24, 40), (136, 96))
@@ -125,6 +125,25 @@ def test_non_finite_rows_stay_local():
     torch.testing.assert_close(y[keep], ref, atol=1e-5, rtol=1e-5)
 
 
+TILES = (
+    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1},
+    {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8},
+)
+
+
+@ignore_fp_warnings
+@pytest.mark.parametrize("config", TILES, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}g{c['GROUP_M']}")
+def test_other_tiles_and_group_orders(config):
+    # Ragged edges in M, N and K under several tilings and tile orders: still the exact sums.
+    q, wq_t, x_scale, w_scale, bias, residual = _operands(197, 136, 96)
+    y = int8_gemm(q, wq_t, x_scale, w_scale, bias, "gelu_tanh", residual, out=poisoned((197, 96), torch.float32), config=config)
+    default = int8_gemm(q, wq_t, x_scale, w_scale, bias, "gelu_tanh", residual)
+    torch.testing.assert_close(y, default, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="config needs"):
+        int8_gemm(q, wq_t, x_scale, w_scale, config={"BLOCK_M": 16})
+
+
 def test_empty_problems():
     q, wq_t, x_scale, w_scale, bias, _ = _operands(0, 24, 8)
     assert int8_gemm(q, wq_t, x_scale, w_scale, bias).shape == (0, 8)
@@ -184,3 +203,16 @@ def test_vit_b_shapes_on_gpu(M, K, N):
         assert_within_torch_error(y, ref, exact, atol=ATOL[out_dtype] * exact.abs().max().item(), name=f"{M}x{K}x{N}")
     ones = torch.ones(M, device=DEVICE), torch.ones(N, device=DEVICE)  # the int32 sums, exactly
     torch.testing.assert_close(int8_gemm(q, wq_t, *ones), int8_gemm_ref(q, wq_t, *ones), atol=0, rtol=0)
+
+
+@gpu
+def test_every_autotune_candidate_on_gpu():
+    for M, K, N in ((197, 136, 96), (1000, 768, 2304), (50, 3072, 768)):
+        q, wq_t, x_scale, w_scale, bias, residual = _operands(M, K, N)
+        ones = torch.ones(M, device=DEVICE), torch.ones(N, device=DEVICE)
+        exact = int8_gemm_ref(q, wq_t, *ones)
+        ref = int8_gemm_ref(q, wq_t, x_scale, w_scale, bias, "gelu", residual, torch.float16)
+        for config in gpu_configs():
+            torch.testing.assert_close(int8_gemm(q, wq_t, *ones, config=config), exact, atol=0, rtol=0, msg=str(config))
+            y = int8_gemm(q, wq_t, x_scale, w_scale, bias, "gelu", residual, torch.float16, config=config)
+            torch.testing.assert_close(y, ref, atol=2e-3, rtol=2e-3, msg=str(config))

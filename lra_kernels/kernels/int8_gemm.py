@@ -24,6 +24,8 @@ Activations (fp32): ``gelu(y) = 0.5 y (1 + erf(y / sqrt 2))``;
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -109,11 +111,21 @@ _GPU_CONFIGS = (
 )
 # Under the interpreter: one config (autotuning needs a GPU); large tiles mean fewer programs.
 _INTERPRETER_CONFIG = (64, 64, 64, 1, 4)
+# With LRA_TRITON_AUTOTUNE=0 (set before import): one config on GPU too, for quick test runs
+# that would otherwise tune every shape they touch.
+_DEFAULT_GPU_CONFIG = (64, 128, 128, 3, 4)
 GROUP_M = 8
 
 
+def autotune_enabled() -> bool:
+    return os.environ.get("LRA_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+
 def _configs() -> list:
-    table = (_INTERPRETER_CONFIG,) if interpreting() else _GPU_CONFIGS
+    if interpreting():
+        table = (_INTERPRETER_CONFIG,)
+    else:
+        table = _GPU_CONFIGS if autotune_enabled() else (_DEFAULT_GPU_CONFIG,)
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}, num_stages=s, num_warps=w)
         for bm, bn, bk, s, w in table
@@ -240,11 +252,14 @@ def int8_gemm(
     out_dtype: torch.dtype = torch.float32,
     *,
     out: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """Triton fused INT8 GEMM with the contract of ``int8_gemm_ref`` (see the module docstring).
 
     ``out`` (optional): a caller buffer ``[M, N]`` of ``out_dtype`` to write into; it must not be
     ``residual`` (autotuning runs the kernel more than once).
+    ``config`` (tests, benchmarks): bypass the autotuner with explicit ``BLOCK_M``, ``BLOCK_N``,
+    ``BLOCK_K`` (and optionally ``GROUP_M``, ``num_warps``, ``num_stages``).
     """
     op = "int8_gemm"
     check_tensor(op, "q", q, dtypes=(torch.int8,), ndim=2, shape_hint="[M, K]")
@@ -285,7 +300,14 @@ def int8_gemm(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _int8_gemm_kernel[grid](
+    kernel, meta = _int8_gemm_kernel, {}
+    if config is not None:
+        kernel = _int8_gemm_kernel.fn  # the heuristics-wrapped kernel, without the autotuner
+        meta = {"GROUP_M": GROUP_M, "num_warps": 4, "num_stages": 2 if interpreting() else 3, **config}
+        missing = {"BLOCK_M", "BLOCK_N", "BLOCK_K"} - set(meta)
+        if missing:
+            raise ValueError(f"int8_gemm: config needs {sorted(missing)}")
+    kernel[grid](
         q,
         wq_t,
         x_scale,
@@ -311,5 +333,23 @@ def int8_gemm(
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
         ACTIVATION=_ACT_CODES[activation],
+        **meta,
     )
     return out
+
+
+def gpu_configs() -> list[dict]:
+    """The autotuner's GPU candidates as ``config=`` dicts (tests sweep them; benchmarks report them)."""
+    return [
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M, "num_stages": st, "num_warps": w}
+        for bm, bn, bk, st, w in _GPU_CONFIGS
+    ]
+
+
+def tuned_config(M: int, N: int, K: int) -> dict | None:
+    """The config the autotuner chose for a problem it has seen (None before, or when interpreting)."""
+    cache = getattr(_int8_gemm_kernel, "cache", {})
+    for key, cfg in cache.items():
+        if tuple(key[:3]) == (next_pow2(M), N, K):
+            return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    return None

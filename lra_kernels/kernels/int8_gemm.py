@@ -96,24 +96,23 @@ def int8_gemm_ref(
 # ---------------------------------------------------------------------------------- Triton
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Int8 tiles are half the bytes of fp16
 # ones, so BLOCK_K = 128 keeps 128-byte rows; the largest tiles (128x256x128, 3 stages) use
-# 144 KiB of shared memory, within the 227 KiB of an H100/H200 SM. Small-M tiles serve batch 1
-# (M = 50 for ViT-B/32) and the compacted batches of late exits.
+# 144 KiB of shared memory, within the 227 KiB of an H100/H200 SM (Triton compiles them to
+# wgmma on sm_90). The 64- and 32-row tiles serve batch 1 (M = 50 for ViT-B/32) and the
+# compacted batches of late exits. Few candidates: each costs a compile (2-5 s) per variant.
 _GPU_CONFIGS = (
     (128, 256, 128, 3, 8),
     (256, 128, 128, 3, 8),
     (128, 128, 128, 4, 8),
-    (128, 128, 128, 4, 4),
     (128, 256, 64, 4, 8),
-    (64, 128, 128, 4, 4),
     (64, 256, 128, 3, 4),
-    (64, 64, 128, 4, 4),
+    (64, 128, 128, 4, 4),
     (32, 64, 128, 4, 4),
 )
 # Under the interpreter: one config (autotuning needs a GPU); large tiles mean fewer programs.
 _INTERPRETER_CONFIG = (64, 64, 64, 1, 4)
-# With LRA_TRITON_AUTOTUNE=0 (set before import): one config on GPU too, for quick test runs
-# that would otherwise tune every shape they touch.
-_DEFAULT_GPU_CONFIG = (64, 128, 128, 3, 4)
+# With LRA_TRITON_AUTOTUNE=0 (set before import): one of the candidates on GPU too, for quick
+# test runs that would otherwise tune every shape they touch.
+_DEFAULT_GPU_CONFIG = (64, 128, 128, 4, 4)
 GROUP_M = 8
 
 
@@ -132,12 +131,15 @@ def _configs() -> list:
     ]
 
 
+def _worth_trying(block_m: int, m_bucket: int) -> bool:
+    """Tiles far taller than the problem (batch 1) waste work; 32-row tiles only for small problems."""
+    return block_m <= max(64, m_bucket) and (m_bucket <= 256 or block_m >= 64)
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far taller than the problem (batch 1) and the 32-row tile on large problems."""
     if len(configs) <= 1:
         return configs
-    m = named_args["M_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m) and (m <= 256 or c.kwargs["BLOCK_M"] >= 64)]
+    kept = [c for c in configs if _worth_trying(c.kwargs["BLOCK_M"], named_args["M_BUCKET"])]
     return kept or configs
 
 
@@ -338,11 +340,12 @@ def int8_gemm(
     return out
 
 
-def gpu_configs() -> list[dict]:
-    """The autotuner's GPU candidates as ``config=`` dicts (tests sweep them; benchmarks report them)."""
+def gpu_configs(M: int | None = None) -> list[dict]:
+    """The autotuner's GPU candidates as ``config=`` dicts; with ``M``, those it tries for that ``M``."""
     return [
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M, "num_stages": st, "num_warps": w}
         for bm, bn, bk, st, w in _GPU_CONFIGS
+        if M is None or _worth_trying(bm, next_pow2(M))
     ]
 
 

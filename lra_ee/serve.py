@@ -6,10 +6,11 @@
 
 Each request is decoded and preprocessed on its own (open_clip's eval transform, built from the
 model's saved ``preprocess_cfg``), before batching: a corrupt body gets ``400 {"error": ...}``
-and never reaches the batch. Valid images are stacked by ``@serve.batch`` and run through one
-``classify`` (the early-exit executor, whose compaction pays off under load) or ``forward``
-call. Rows do not depend on the rest of the batch, so a served result equals what the model
-gives for that image alone.
+and never reaches the batch. Valid images are collected by ``@serve.batch`` (``max_batch_size``,
+``batch_wait_timeout_s``) and, while the model is busy, everything that arrives meanwhile forms
+the next batch; each batch runs through one ``classify`` (the early-exit executor, whose
+compaction pays off under load) or ``forward`` call. Rows do not depend on the rest of the
+batch, so a served result equals what the model gives for that image alone.
 
 The deployment talks to the model through an *engine* (:class:`QuantEngine` for
 ``QuantEarlyExitViT``, :class:`OpenClipEngine` for a plain FP32 open_clip ``visual`` with an
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import logging
 import os
 import signal
 import socket
@@ -31,6 +33,7 @@ import threading
 import time
 import warnings
 from collections import Counter as _Tally
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -452,6 +455,17 @@ def _batch(**kwargs):
     return _ray_serve.batch(**kwargs)
 
 
+# Batches Ray has formed that may wait for the model at once (see ImageModelServer._infer); the
+# requests in them are bounded by max_ongoing_requests, not by this.
+MAX_WAITING_BATCHES = 4096
+
+
+def _quiet_batch_bound_warning(record) -> bool:
+    # Ray warns when max_batch_size * max_concurrent_batches exceeds max_ongoing_requests; here
+    # the concurrent "batches" only wait to be merged, so the bound it warns about does not apply.
+    return "max_concurrent_batches" not in record.getMessage()
+
+
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 
@@ -509,6 +523,9 @@ class ImageModelServer:
         self._decode_pool = ThreadPoolExecutor(max(2, self.threads), "lra-ee-decode")
         self.metrics = _Metrics(self.core.engine.depth)
         self._in_flight = 0
+        self._pending: deque[tuple[tuple[str, torch.Tensor], asyncio.Future]] = deque()
+        self._runner: asyncio.Task | None = None
+        logging.getLogger("ray.serve").addFilter(_quiet_batch_bound_warning)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -521,21 +538,37 @@ class ImageModelServer:
         self.core.batch_sizes.clear()
         self.core.exit_layers.clear()
 
-    @_batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    @_batch(max_batch_size=64, batch_wait_timeout_s=0.005, max_concurrent_batches=MAX_WAITING_BATCHES)
     async def _infer(self, items: list[tuple[str, torch.Tensor]]) -> list[ItemResult]:
-        start = time.perf_counter()
+        # Ray forms the next batch while the model is still busy with the previous one, so under
+        # load its batches are small (whatever arrived within batch_wait_ms). They all wait here
+        # instead, and the model takes everything waiting (up to max_batch_size) when it is free.
         loop = asyncio.get_running_loop()
-        try:
-            results = await loop.run_in_executor(self._model_thread, self.core.run_batch, items)
-        except Exception as err:  # the whole batch failed in the model: answer 500 to its requests only
-            msg = f"inference failed: {type(err).__name__}: {err}"
-            return [ItemResult(500, {"error": msg}) for _ in items]
-        self.metrics.batch_latency.observe((time.perf_counter() - start) * 1000.0)
-        self.metrics.batch_size.observe(len(items))
-        for r in results:
-            if "exit_layer" in r.body:
-                self.metrics.exit_layer.observe(r.body["exit_layer"])
-        return results
+        futures = [loop.create_future() for _ in items]
+        self._pending.extend(zip(items, futures))
+        if self._runner is None or self._runner.done():
+            self._runner = loop.create_task(self._run_pending())
+        return list(await asyncio.gather(*futures))
+
+    async def _run_pending(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            chunk = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch_size))]
+            items = [item for item, _ in chunk]
+            start = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._model_thread, self.core.run_batch, items)
+            except Exception as err:  # the model failed on this batch: 500 to its requests only
+                msg = f"inference failed: {type(err).__name__}: {err}"
+                results = [ItemResult(500, {"error": msg}) for _ in items]
+            else:
+                self.metrics.batch_latency.observe((time.perf_counter() - start) * 1000.0)
+                self.metrics.batch_size.observe(len(items))
+                for r in results:
+                    self.metrics.exit_layer.observe(r.body["exit_layer"])
+            for (_, future), result in zip(chunk, results):
+                if not future.done():  # a client that went away cancels its future
+                    future.set_result(result)
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse

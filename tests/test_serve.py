@@ -339,6 +339,16 @@ def test_serve_main_port_in_use(capsys, model_dir):
         assert "cannot listen" in err
 
 
+def test_app_builder_for_serve_deploy_configs(model_dir):
+    pytest.importorskip("ray.serve")
+    from ray.serve.deployment import Application
+
+    args = {"model_dir": str(model_dir), "max_batch_size": "32", "batch_wait_ms": "2.5", "compile_blocks": "false"}
+    assert isinstance(srv.app_builder(args), Application)
+    with pytest.raises(ValueError, match="model_dir"):
+        srv.app_builder({})
+
+
 # ---------------------------------------------------------------------- the real server (Ray)
 def _free_port() -> int:
     with socket.socket() as s:

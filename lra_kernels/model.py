@@ -67,10 +67,19 @@ def _call_embed(model: "QuantEarlyExitViT", images: torch.Tensor, ops) -> torch.
     return model.embed_eager(images, ops)
 
 
+# Graphs per compiled function: (static + dynamic batch + batch of 1) per block structure, and
+# structures differ per quantization scheme; dynamo's default of 8 would silently fall back to
+# eager once a process holds a few schemes.
+_RECOMPILE_LIMIT = 64
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(fn):
     # dynamic=None: the first shape compiles static; later batch sizes mark the batch dimension
     # dynamic (maybe_mark_dynamic below), so one graph serves every batch size.
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), _RECOMPILE_LIMIT))
     return torch.compile(fn, dynamic=None)
 
 

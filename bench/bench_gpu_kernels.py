@@ -78,6 +78,7 @@ TARGET_VS_INT_MM = 1.0  # at M = 256*50, K = 768, N in {2304, 3072}
 TARGET_VS_FP16 = 1.4
 TARGET_PCT_PEAK = 50.0  # at the largest ViT-B shape (c_fc / c_proj at batch 256)
 TARGET_E2E_VS_FP16 = 1.6  # ViT-B-32 at batch 256
+TORCHAO = "torchao int8 dynamic (compiled)"
 
 
 def card_peaks() -> tuple[str, float | None, float | None]:
@@ -263,13 +264,14 @@ def providers(vit_b_32):
         tao = copy.deepcopy(vit_b_32).to(torch.bfloat16).to(DEVICE)
         tq.quantize_(tao, config() if config is not None else tq.int8_dynamic_activation_int8_weight())
         tao = torch.compile(tao)
-        out["torchao int8 dynamic (compiled)"] = lambda x: tao(x.to(torch.bfloat16))
+        out[TORCHAO] = lambda x: tao(x.to(torch.bfloat16))
     except Exception as err:  # not installed, or an API it does not have
-        out["torchao int8 dynamic (compiled)"] = f"unavailable: {type(err).__name__}: {err}"
+        out[TORCHAO] = f"unavailable: {type(err).__name__}: {err}"
     return out
 
 
-@pytest.mark.parametrize("batch", BATCHES)
+# batch 256 first: it carries the target, and a run cut short by its time budget keeps it
+@pytest.mark.parametrize("batch", sorted(BATCHES, reverse=True))
 def test_vit_b_32_end_to_end(benchmark, batch, vit_b_32, providers):
     fp32 = copy.deepcopy(vit_b_32).to(DEVICE)
     size = vit_b_32.image_size
@@ -283,6 +285,9 @@ def test_vit_b_32_end_to_end(benchmark, batch, vit_b_32, providers):
         for name, fn in providers.items():
             if isinstance(fn, str):
                 notes[name] = fn
+                continue
+            if name == TORCHAO and batch != max(BATCHES):
+                notes[name] = "timed at the largest batch only (each new shape recompiles)"
                 continue
             cos = F.cosine_similarity(fn(images).float(), reference, dim=-1).mean().item()
             assert cos > 0.9, f"{name}: cosine {cos:.4f} to FP32; not timing a broken provider"

@@ -28,7 +28,12 @@ def test_namespace_has_the_torch_backends_fields():
             assert fn is not getattr(TORCH_OPS, name), name
 
 
-def _recording(ops):
+# On CUDA the Triton backend runs attention in fp16 (the torch backend in fp32): end-to-end
+# agreement is then bounded by fp16 attention, not by the kernels.
+COSINE_FLOOR = 0.9999 if DEVICE.type == "cpu" else 0.9995
+
+
+def _recording(ops, attn_dtype=None):
     """A copy of ``ops`` whose ``int8_gemm`` records the codes and scales it is handed."""
     seen = []
 
@@ -36,7 +41,7 @@ def _recording(ops):
         seen.append((q.clone(), x_scale.clone()))
         return ops.int8_gemm(q, wq_t, x_scale, *args, **kwargs)
 
-    return SimpleNamespace(**{**vars(ops), "int8_gemm": int8_gemm}), seen
+    return SimpleNamespace(**{**vars(ops), "int8_gemm": int8_gemm, "attn_dtype": attn_dtype or ops.attn_dtype}), seen
 
 
 def _pair(act_quant="per_token", act="gelu", **kwargs):
@@ -64,7 +69,7 @@ def test_tiny_vit_end_to_end_matches_torch_backend(act_quant, act, kwargs):
     images = images_for(v, 3).to(DEVICE)
     y_ref, y_tri = ref(images), tri(images)
     assert y_tri.shape == y_ref.shape and y_tri.dtype == y_ref.dtype
-    assert cosine(y_ref, y_tri).min().item() > 0.9999
+    assert cosine(y_ref, y_tri).min().item() > COSINE_FLOOR
     # and against the FP32 open_clip tower, as loosely as the torch backend itself
     with torch.no_grad():
         y_fp = v.to(DEVICE)(images)
@@ -81,8 +86,8 @@ def test_int8_codes_match_block_by_block(act_quant):
     rare (< 0.1%). The per-tensor scheme's codes of the first GEMM need no LayerNorm: exact.
     """
     v, ref, tri = _pair(act_quant)
-    ops_ref, seen_ref = _recording(ref.ops())
     ops_tri, seen_tri = _recording(tri.ops())
+    ops_ref, seen_ref = _recording(ref.ops(), attn_dtype=ops_tri.attn_dtype)  # same attention precision
     images = images_for(v, 2).to(DEVICE)
     x = ref.embed(images, ops_ref)
     for i in range(ref.depth):
@@ -112,9 +117,10 @@ def test_exit_heads_and_gate_features_through_the_model():
     images = images_for(v, 4).to(DEVICE)
     a, b = ref.all_exits(images, (1, 2)), tri.all_exits(images, (1, 2))
     assert a.layers == b.layers
-    torch.testing.assert_close(b.logits, a.logits, atol=2e-3, rtol=1e-3)
-    torch.testing.assert_close(b.embeddings, a.embeddings, atol=1e-4, rtol=1e-3)
-    torch.testing.assert_close(b.features, a.features, atol=1e-4, rtol=1e-3)
+    loose = 1 if DEVICE.type == "cpu" else 10  # fp16 attention on CUDA
+    torch.testing.assert_close(b.logits, a.logits, atol=2e-3 * loose, rtol=1e-3 * loose)
+    torch.testing.assert_close(b.embeddings, a.embeddings, atol=1e-4 * loose, rtol=1e-3 * loose)
+    torch.testing.assert_close(b.features, a.features, atol=1e-4 * loose, rtol=1e-3 * loose)
     # early exit with everyone leaving at the first exit: same results, same layer
     policy = ExitPolicy(
         exit_layers=(1,),
@@ -127,7 +133,7 @@ def test_exit_heads_and_gate_features_through_the_model():
     ref.exit_policy, tri.exit_policy = policy, policy
     ra, rb = ref.classify(images), tri.classify(images)
     assert torch.equal(ra.exit_layer.cpu(), rb.exit_layer.cpu()) and (rb.exit_layer == 1).all()
-    torch.testing.assert_close(rb.logits, ra.logits, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(rb.logits, ra.logits, atol=2e-3 * loose, rtol=1e-3 * loose)
 
 
 @gpu

@@ -26,9 +26,15 @@ SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}
 # How a launch on ViT-B/32 tensors specialises the integer arguments, as Triton's JIT would:
 # arguments equal to 1 become constants, multiples of 16 get a divisibility hint (so do pointers).
 SPECIALISATION = {
+    # the weight as QuantLinear stores it today: wq_t[K, N] contiguous (N-major)
     "int8_gemm": (
         ("stride_qk", "stride_wn", "stride_xs", "stride_ws", "stride_bias", "stride_rn", "stride_on"),
         ("M", "N", "K", "M_BUCKET", "stride_qm", "stride_wk", "stride_rm", "stride_om"),
+    ),
+    # the weight stored [N, K] and passed as its transpose (K-major): what int8 wgmma wants
+    "int8_gemm/k-major": (
+        ("stride_qk", "stride_wk", "stride_xs", "stride_ws", "stride_bias", "stride_rn", "stride_on"),
+        ("M", "N", "K", "M_BUCKET", "stride_qm", "stride_wn", "stride_rm", "stride_om"),
     ),
     "layernorm_quant": (("stride_xk", "stride_w", "stride_b", "stride_s"), ("M", "K", "stride_xm", "stride_qm")),
     "exit_head": (
@@ -53,9 +59,9 @@ def _gemm_variants(quick: bool):
     epilogues = [("fp32", "fp32", True, 0)] if quick else [("fp32", "fp32", True, 0), ("fp16", "fp16", False, 1), ("bf16", "fp32", True, 2)]
     for bm, bn, bk, stages, warps in configs:
         for out, res, has_res, act in epilogues:
-            for even_k in (True,) if quick else (True, False):
+            for even_k, layout in ((True, "int8_gemm"),) if quick else ((True, "int8_gemm"), (False, "int8_gemm"), (True, "int8_gemm/k-major")):
                 yield (
-                    "int8_gemm",
+                    layout,
                     {"q_ptr": "*i8", "w_ptr": "*i8", "residual_ptr": f"*{res}", "out_ptr": f"*{out}"},
                     dict(HAS_BIAS=True, HAS_RESIDUAL=has_res, ACTIVATION=act, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=even_k),
                     dict(num_warps=warps, num_stages=stages),
@@ -94,7 +100,7 @@ def _head_variants(quick: bool):
 
 
 def _kernel(name):
-    if name == "int8_gemm":
+    if name.startswith("int8_gemm"):
         from lra_kernels.kernels.int8_gemm import _int8_gemm_kernel as k
     elif name == "layernorm_quant":
         from lra_kernels.kernels.layernorm_quant import _layernorm_quant_kernel as k
@@ -137,14 +143,17 @@ def compile_one(job):
     problems = []
     if shared > SMEM_LIMIT.get(arch, 99 * 1024):
         problems.append(f"shared memory {shared} B > {SMEM_LIMIT.get(arch)} B")
-    if name == "int8_gemm":
+    if name.startswith("int8_gemm"):
         tensor_op = "wgmma" if arch >= 90 and constexprs["BLOCK_M"] >= 64 else "mma"
         if tensor_op not in ptx:
             problems.append(f"no {tensor_op} instruction: the int8 dot does not use tensor cores")
     shown = {k: v for k, v in {**constexprs, **options}.items() if k not in ones and k not in ("AMAX_FLOOR", "QMAX")}
     label = ", ".join(f"{k}={v}" for k, v in shown.items())
+    if name.startswith("int8_gemm"):
+        # pipelined async copies; byte permutes mean the int8 B tile is transposed in registers
+        label += f"; cp.async {ptx.count('cp.async.cg') + ptx.count('cp.async.ca')}, prmt {ptx.count('prmt')}"
     status = "ok" if not problems else "PROBLEM: " + "; ".join(problems)
-    return f"sm_{arch} {name:<16} {secs:5.1f}s smem {shared:>6} B  {status}  [{label}]", not problems
+    return f"sm_{arch} {name:<18} {secs:5.1f}s smem {shared:>6} B  {status}  [{label}]", not problems
 
 
 def main(argv=None) -> int:

@@ -28,21 +28,22 @@ def jobs():
     from lra_kernels.kernels.int8_gemm import gpu_configs
 
     width = 768
-    variants = {(M, K, N, act, res, out) for _, M, K, N, act, res, out in GEMMS}
+    # the benchmark's GEMMs, in both weight layouts (k_major: the [N, K] weight's transpose)
+    variants = {(M, K, N, act, res, out, k_major) for _, M, K, N, act, res, out in GEMMS for k_major in (False, True)}
     for batch in (1, 32, 256):  # the end-to-end tower's four GEMMs (qkv writes the attention dtype)
         M = batch * TOKENS
         variants |= {
-            (M, width, 3 * width, "none", False, torch.float16),
-            (M, width, width, "none", True, torch.float32),
-            (M, width, 4 * width, "gelu", False, torch.float32),
-            (M, 4 * width, width, "none", True, torch.float32),
+            (M, width, 3 * width, "none", False, torch.float16, False),
+            (M, width, width, "none", True, torch.float32, False),
+            (M, width, 4 * width, "gelu", False, torch.float32, False),
+            (M, 4 * width, width, "none", True, torch.float32, False),
         }
     pairs, seen = [], set()
     for v in sorted(variants, key=str):
-        M, K, N, act, res, out = v
+        M, K, N, act, res, out, k_major = v
         for cfg in gpu_configs(M):
             # what makes a distinct binary: the constexprs and how the sizes specialise
-            key = (act, res, out, M % 16 == 0, N % 16 == 0, K % cfg["BLOCK_K"] == 0, tuple(sorted(cfg.items())))
+            key = (act, res, out, k_major, M % 16 == 0, N % 16 == 0, K % cfg["BLOCK_K"] == 0, tuple(sorted(cfg.items())))
             if key not in seen:
                 seen.add(key)
                 pairs.append((v, cfg))
@@ -54,9 +55,9 @@ def worker(index: int, count: int) -> None:
 
     from lra_kernels.kernels.int8_gemm import int8_gemm
 
-    for (M, K, N, act, res, out_dtype), cfg in jobs()[index::count]:
+    for (M, K, N, act, res, out_dtype, k_major), cfg in jobs()[index::count]:
         q = torch.zeros(M, K, dtype=torch.int8, device="cuda")
-        wq_t = torch.zeros(K, N, dtype=torch.int8, device="cuda")
+        wq_t = torch.zeros(N, K, dtype=torch.int8, device="cuda").t() if k_major else torch.zeros(K, N, dtype=torch.int8, device="cuda")
         ones_m, ones_n = torch.ones(M, device="cuda"), torch.ones(N, device="cuda")
         residual = torch.zeros(M, N, device="cuda") if res else None
         int8_gemm(q, wq_t, ones_m, ones_n, ones_n, act, residual, out_dtype, config=cfg)

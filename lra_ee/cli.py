@@ -1,18 +1,276 @@
-"""The ``lra-ee`` command line."""
+"""The ``lra-ee`` command line.
+
+    lra-ee demo      [--out DIR]                                  the main job, built-in, no download
+    lra-ee calibrate --model M --pretrained P --data DIR ...       quantize + calibrate, save a model directory
+    lra-ee evaluate  (--model-dir DIR | --model M --pretrained P) --data DIR ...
+    lra-ee diagnose  --model M --pretrained P [--data DIR]         QIRC curves of every scheme
+    lra-ee serve     --model-dir DIR                               HTTP serving on Ray Serve
+
+Bad or missing weights / data give one error line and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
+import warnings
+from pathlib import Path
+
+EXIT_USAGE = 2
 
 
+class CLIError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------- loading
+def load_clip(model: str, pretrained: str, device: str, seed: int = 0):
+    """``(clip, preprocess, tokenizer, weights_label)``; ``pretrained="random"`` gives seeded random weights."""
+    import open_clip
+    import torch
+
+    if model not in open_clip.list_models():
+        raise CLIError(f"unknown model {model!r}; see open_clip.list_models() (e.g. ViT-B-32, ViT-B-16, ViT-L-14)")
+    looks_like_path = any(s in pretrained for s in ("/", "\\")) or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if looks_like_path and not Path(pretrained).is_file():
+        raise CLIError(f"checkpoint {pretrained} not found: pass --pretrained with an existing file, or a tag such as 'openai'")
+    kwargs = {"pretrained": None if pretrained == "random" else pretrained, "device": device}
+    torch.manual_seed(seed)
+    root_level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.CRITICAL)  # open_clip logs its own failures; we print one line
+    try:
+        clip, _, preprocess = open_clip.create_model_and_transforms(model, **kwargs)
+    except Exception as err:  # offline hub, unknown tag, corrupt checkpoint
+        reason = str(err).splitlines()[0][:200]
+        raise CLIError(
+            f"could not load weights {pretrained!r} for {model} ({reason}). Offline machines: fetch them once where the "
+            f"Hugging Face hub is reachable (open_clip caches them), or pass --pretrained /path/to/checkpoint"
+        ) from None
+    finally:
+        logging.getLogger().setLevel(root_level)
+    clip.eval()
+    label = "random-seeded" if pretrained == "random" else pretrained
+    return clip, preprocess, open_clip.get_tokenizer(model), label
+
+
+def _source(path: str, preprocess, classnames, name, workers):
+    from .data import DataError, load_image_folder
+
+    try:
+        return load_image_folder(path, preprocess, class_names=classnames, name=name, num_workers=workers)
+    except DataError as err:
+        raise CLIError(str(err)) from None
+
+
+def _classifier(args, clip, tokenizer, class_names, weights_label):
+    from .data import DataError, load_templates, text_classifier
+
+    if class_names is None:
+        raise CLIError("the images have no class folders and no --classnames file was given: zero-shot classes are unknown")
+    try:
+        templates = load_templates(args.templates)
+    except DataError as err:
+        raise CLIError(str(err)) from None
+    return text_classifier(clip, tokenizer, class_names, templates, f"{args.model}:{weights_label}",
+                           cache_dir=args.cache_dir, device=args.device)
+
+
+def _classnames(args):
+    from .data import DataError, load_classnames
+
+    if not args.classnames:
+        return None
+    try:
+        return load_classnames(args.classnames)
+    except (DataError, OSError) as err:
+        raise CLIError(f"--classnames: {err}") from None
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise CLIError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise CLIError("--seeds needs at least one seed")
+    return seeds
+
+
+def _exit_layers(text: str):
+    return text if text in ("auto", "paper") else tuple(int(x) for x in text.split(","))
+
+
+def _print_summary(r: dict) -> None:
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.2f}%"
+
+    print(f"\n{r.get('model')} [{r.get('weights')}] on {r.get('data')} — scheme {r['scheme']}, "
+          f"{r['n_calibration']} calibration / {r['n_eval']} evaluation images")
+    print(f"  top-1  FP32 {pct(r.get('acc_fp32'))}   INT8 full {pct(r['acc_full'])}   INT8 + LRA-EE {pct(r['acc_ee'])}")
+    ci = r["delta_ci95"]
+    print(f"  delta  {100 * r['delta']:+.2f} pp  (95% CI {100 * ci[0]:+.2f} .. {100 * ci[1]:+.2f})   McNemar p {r['mcnemar_p']:.3g}")
+    q = r["quadrants"]
+    print(f"  quadrants  both right {pct(q['both_right'])}  rescued {pct(q['rescued'])}  hurt {pct(q['hurt'])}  "
+          f"both wrong {pct(q['both_wrong'])}")
+    print(f"  FLOPs  {r['flops_ee'] / 1e9:.3f} vs {r['flops_full'] / 1e9:.3f} GFLOPs/image ({pct(r['flops_saving'])} saved); "
+          f"exits {r['exit_histogram']}")
+
+
+# ---------------------------------------------------------------------- commands
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import format_report, run_demo
+    from .demo import format_summary, run_demo
 
     report = run_demo(args.out, model=args.model, seed=args.seed, batch_size=args.batch_size,
-                      bench_seconds=args.bench_seconds)
-    print(format_report(report))
-    print(f"\nreport: {args.out}/report.json")
+                      bench_seconds=args.bench_seconds, n_images=args.images, n_classes=args.classes)
+    print(format_summary(report))
+    print(f"\nreport: {args.out}/report.md, {args.out}/report.json; model: {args.out}/model")
+    return 0
+
+
+def _experiment_config(args):
+    from .experiment import ExperimentConfig
+
+    return ExperimentConfig(scheme=args.scheme, exit_layers=_exit_layers(args.exit_layers), alpha=args.alpha,
+                            flops_budget=args.flops_budget, calib_fraction=args.calib_fraction, seeds=_seeds(args.seeds),
+                            batch_size=args.batch_size, backend=args.backend, n_quant_calib=args.quant_calib_images)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .data import split_indices
+    from .exits import collect_tables
+    from .experiment import _attach_fp32, _images, fp32_predictions, quantize
+    from .method import fit_policy
+    from .qirc import diagnose
+    from .report import plot_qirc, write_json
+
+    cfg = _experiment_config(args)
+    clip, preprocess, tokenizer, weights = load_clip(args.model, args.pretrained, args.device, args.seed)
+    names = _classnames(args)
+    if args.calib_data:
+        calib = _source(args.calib_data, preprocess, names, "calibration", args.workers)
+        class_names = names or calib.class_names or (_source(args.data, preprocess, None, "data", args.workers).class_names
+                                                     if args.data else None)
+    elif args.data:
+        data = _source(args.data, preprocess, names, "data", args.workers)
+        c_idx, _ = split_indices(len(data), args.calib_fraction, cfg.seeds[0])
+        calib, class_names = data.subset(c_idx, "calibration"), data.class_names
+    else:
+        raise CLIError("calibrate needs --calib-data DIR or --data DIR (with --calib-fraction)")
+    text = _classifier(args, clip, tokenizer, class_names, weights)
+    visual = clip.visual
+    n_q = min(cfg.n_quant_calib, len(calib) // 2)
+    qcal = _images(calib, range(n_q))
+    qvit = quantize(visual, cfg.scheme, qcal, args.backend)
+    qvit.set_classifier(text.to(qvit.device), 100.0, list(class_names))
+    qirc = diagnose(visual, qvit, qcal[: cfg.n_qirc], cfg.scheme)
+    rest = calib.subset(range(n_q, len(calib)), "calibration")
+    tables = collect_tables(qvit, rest, tuple(range(1, qvit.depth)), ("patch_mean",), batch_size=args.batch_size,
+                            desc="exit tables")
+    table = _attach_fp32(tables["patch_mean"], fp32_predictions(visual, rest, text, args.batch_size, desc="FP32 reference"))
+    try:
+        policy, report = fit_policy(table, qirc.nsr_per_layer, scheme=cfg.scheme, arch=qvit.arch, num_classes=text.shape[0],
+                                    exit_layers=cfg.exit_layers, alpha=cfg.alpha, flops_budget=cfg.flops_budget)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    qvit.exit_policy = policy
+    out = Path(args.out)
+    qvit.save(out / "model")
+    rep = {"model": args.model, "weights": weights, "data": str(args.calib_data or args.data), **report.as_dict(),
+           "qirc": qirc.as_dict()}
+    write_json(out / "calibration.json", rep)
+    plot_qirc({cfg.scheme: qirc.nsr_per_layer}, out / "qirc_nsr.png", f"QIRC ({args.model}, {weights})")
+    print(f"calibrated {args.model} [{weights}] with {cfg.scheme}: exits {report.exit_layers}, thresholds "
+          f"{[round(t, 3) for t in report.thresholds]}; calibration top-1 full {100 * report.calib_acc_full:.2f}% -> "
+          f"early exit {100 * report.calib_acc_ee:.2f}%, FLOPs saved {100 * report.calib_flops_saving:.1f}%")
+    print(f"model directory: {out / 'model'}; report: {out / 'calibration.json'}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .experiment import fp32_predictions, run_experiment, _attach_fp32
+    from .exits import collect_tables
+    from .method import evaluate
+    from .report import write_report
+
+    if not args.data:
+        raise CLIError("evaluate needs --data DIR (an ImageFolder / ImageNet val directory)")
+    out = Path(args.out)
+    names = _classnames(args)
+    if args.model_dir:
+        from lra_kernels import QuantEarlyExitViT
+
+        try:
+            qvit = QuantEarlyExitViT.load(args.model_dir, device=args.device)
+        except (FileNotFoundError, ValueError) as err:
+            raise CLIError(str(err)) from None
+        if qvit.classifier is None or not qvit.exit_policy.enabled:
+            raise CLIError(f"{args.model_dir} has no classifier or no exit policy: write it with lra-ee calibrate")
+        from .data import preprocess_from_cfg
+
+        preprocess = preprocess_from_cfg(qvit.preprocess_cfg)
+        data = _source(args.data, preprocess, names or qvit.class_names, "evaluation", args.workers)
+        visual, weights = None, "saved model"
+        if args.pretrained:
+            clip, _, _, weights = load_clip(args.model, args.pretrained, args.device, args.seed)
+            visual = clip.visual
+        tables = collect_tables(qvit, data, qvit.exit_policy.exit_layers, (qvit.exit_policy.head,),
+                                batch_size=args.batch_size, desc="exit tables")
+        table = tables[qvit.exit_policy.head]
+        if visual is not None:
+            _attach_fp32(table, fp32_predictions(visual, data, qvit.classifier, args.batch_size, desc="FP32 reference"))
+        ev = evaluate(table, qvit.exit_policy, qvit.arch, qvit.classifier.shape[0], seed=args.seed)
+        report = {"model": args.model, "weights": weights, "data": args.data, "model_dir": args.model_dir,
+                  "scheme": qvit.quant_config.act_quant, "n_calibration": None, **ev.as_dict(),
+                  "nsr_per_layer": [], "inr_per_exit": [], "alpha": None, "tau0": None, "seeds": [args.seed]}
+        write_report(out, report)
+    else:
+        if not args.pretrained:
+            raise CLIError("evaluate needs --model-dir DIR, or --pretrained (with --model) to calibrate and evaluate in one run")
+        cfg = _experiment_config(args)
+        clip, preprocess, tokenizer, weights = load_clip(args.model, args.pretrained, args.device, args.seed)
+        data = _source(args.data, preprocess, names, "evaluation", args.workers)
+        calib = _source(args.calib_data, preprocess, names or data.class_names, "calibration", args.workers) if args.calib_data else None
+        if not data.has_labels:
+            raise CLIError(f"{args.data} has no class folders: evaluation needs labelled images (root/<class>/<image>)")
+        text = _classifier(args, clip, tokenizer, data.class_names, weights)
+        res = run_experiment(clip.visual, calib or data, text, cfg, data.class_names,
+                             eval_source=data if calib is not None else None)
+        report = {"model": args.model, "weights": weights, "data": args.data, **res.report}
+        write_report(out, report)
+        res.model.save(out / "model")
+    _print_summary(report)
+    print(f"\nreport: {out / 'report.md'}, {out / 'report.json'}")
+    return 0
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    import torch
+
+    from .experiment import SCHEMES, _images, quantize
+    from .qirc import diagnose
+    from .report import plot_qirc, write_json
+
+    clip, preprocess, _, weights = load_clip(args.model, args.pretrained, args.device, args.seed)
+    visual = clip.visual
+    if args.data:
+        data = _source(args.data, preprocess, None, "data", args.workers)
+        images = _images(data, range(min(len(data), args.images)))
+    else:
+        h, w = visual.image_size
+        images = torch.randn(args.images, 3, h, w, generator=torch.Generator().manual_seed(args.seed))
+    schemes = list(SCHEMES) if args.scheme == "all" else [args.scheme]
+    calib = images[: max(1, len(images) // 2)]
+    reports = {s: diagnose(visual, quantize(visual, s, calib, args.backend), images, s) for s in schemes}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "qirc.json", {"model": args.model, "weights": weights, "data": args.data or "random images",
+                                   "schemes": {s: r.as_dict() for s, r in reports.items()}})
+    plot_qirc({s: r.nsr_per_layer for s, r in reports.items()}, out / "qirc_nsr.png", f"QIRC ({args.model}, {weights})")
+    for s, r in reports.items():
+        print(f"{s:<18} NSR " + " ".join(f"{100 * v:5.1f}" for v in r.nsr_per_layer) + f"   exit cos {r.exit_cos[-1]:.4f}")
+    print(f"report: {out / 'qirc.json'}, plot: {out / 'qirc_nsr.png'}")
     return 0
 
 
@@ -22,19 +280,64 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_main(args)
 
 
+# ---------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    from .experiment import SCHEMES
+
+    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture (default: %(default)s)")
+    p.add_argument("--pretrained", default=None if not model_required else "openai",
+                   help="'openai', another open_clip tag, a checkpoint path, or 'random' (seeded random weights)")
+    p.add_argument("--data", help="ImageFolder / ImageNet val directory")
+    p.add_argument("--calib-data", help="separate calibration images (class folders, or a flat folder: unlabelled)")
+    p.add_argument("--calib-fraction", type=float, default=0.4, help="calibration share of --data (default: %(default)s)")
+    p.add_argument("--classnames", help="file with one class name per line (default: folder names / ImageNet names)")
+    p.add_argument("--templates", default="openai", help="'openai', 'simple' or a file of templates with {} (default: %(default)s)")
+    p.add_argument("--scheme", default="smoothquant", choices=tuple(SCHEMES), help="quantization scheme (default: %(default)s)")
+    p.add_argument("--exit-layers", default="auto", help="'auto', 'paper' (8,10,11) or comma-separated layers")
+    p.add_argument("--alpha", type=float, default=1.0, help="INR exponent of the thresholds (0: flat)")
+    p.add_argument("--flops-budget", type=float, default=None, help="max mean FLOPs as a fraction of full depth, e.g. 0.9")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2", help="calibration/evaluation split seeds (default: %(default)s)")
+    p.add_argument("--quant-calib-images", type=int, default=32, help="images held out to calibrate the quantizer")
+    p.add_argument("--workers", type=int, default=2, help="data loader workers")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "lra-ee"), help="text-classifier cache")
+    p.add_argument("--out", default="lra-ee-out", help="output directory (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lra-ee",
-        description="INT8 OpenCLIP vision towers with layer-wise early exits (LRA-EE).",
-    )
+    parser = argparse.ArgumentParser(prog="lra-ee", description="INT8 OpenCLIP vision towers with layer-wise early exits (LRA-EE).")
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser("demo", help="the main job on a built-in ViT-B-32 with seeded random weights (no download)")
     demo.add_argument("--out", default="lra-ee-demo", help="output directory (default: %(default)s)")
     demo.add_argument("--model", default="ViT-B-32", help="open_clip architecture (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--bench-seconds", type=float, default=4.0, help="timing per throughput measurement")
+    demo.add_argument("--bench-seconds", type=float, default=2.0, help="timing per throughput measurement")
+    demo.add_argument("--images", type=int, default=480, help="synthetic images (default: %(default)s)")
+    demo.add_argument("--classes", type=int, default=20, help="synthetic classes (default: %(default)s)")
     demo.set_defaults(func=_demo)
+
+    cal = sub.add_parser("calibrate", help="quantize and calibrate the exits on real data; save a model directory")
+    _common(cal)
+    cal.set_defaults(func=_calibrate)
+
+    ev = sub.add_parser("evaluate", help="evaluate a saved model (--model-dir) or run calibration + evaluation + ablations")
+    _common(ev, model_required=False)
+    ev.add_argument("--model-dir", help="a model directory written by lra-ee calibrate")
+    ev.set_defaults(func=_evaluate)
+
+    dg = sub.add_parser("diagnose", help="QIRC: per-layer noise-to-signal ratio of every quantization scheme")
+    _common(dg)
+    dg.set_defaults(scheme="all")
+    dg.add_argument("--images", type=int, default=32)
+    for action in dg._actions:
+        if action.dest == "scheme":
+            action.choices = tuple(action.choices) + ("all",)
+    dg.set_defaults(func=_diagnose)
 
     serve = sub.add_parser("serve", help="serve a saved model directory over HTTP on Ray Serve (extra: serve)")
     serve.add_argument("--model-dir", required=True, help="directory written by QuantEarlyExitViT.save / lra-ee calibrate")
@@ -50,7 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    warnings.filterwarnings("ignore", message=".*No pretrained weights loaded.*")
+    try:
+        return args.func(args)
+    except CLIError as err:
+        print(f"lra-ee: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lra-ee: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

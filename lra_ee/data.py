@@ -182,6 +182,14 @@ def split_indices(n: int, calib_fraction: float, seed: int) -> tuple[np.ndarray,
     return np.sort(perm[:k]), np.sort(perm[k:])
 
 
+def preprocess_from_cfg(cfg: dict) -> Callable:
+    """open_clip's evaluation transform for a saved ``preprocess_cfg`` (resize, crop, RGB, normalise)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    fields = PreprocessCfg.__dataclass_fields__
+    return image_transform_v2(PreprocessCfg(**{k: v for k, v in cfg.items() if k in fields}), is_train=False)
+
+
 # ---------------------------------------------------------------------- text side
 def load_classnames(path: str | Path) -> list[str]:
     lines = [ln.strip() for ln in Path(path).read_text().splitlines()]

@@ -1,44 +1,34 @@
 """``lra-ee demo``: the main job on a built-in default, no download.
 
-This first version quantizes a ViT-B-32 with seeded random weights, with and without planted
-outlier channels, under each scheme, and reports fidelity to FP32 and CPU throughput.
-All figures come from random-weight towers: they say how faithful and how fast the INT8
-tower is, not how accurate CLIP is.
+ViT-B-32 with seeded random weights and planted activation outlier channels like trained
+CLIP's; the built-in synthetic task (``lra_ee.synthetic.builtin_task``); the paper's INT8
+scheme and a better quantizer (per-token + SmoothQuant), each with and without LRA-EE;
+QIRC curves of every scheme; CPU throughput of FP32, INT8 full depth and INT8 early exit.
+Everything is labelled synthetic: these numbers show the machinery, not CLIP's accuracy.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from lra_kernels import QuantEarlyExitViT
+from .data import TensorSource
+from .experiment import SCHEME_HELP, SCHEMES, ExperimentConfig, quantize, run_experiment
+from .qirc import diagnose
+from .report import write_report
+from .synthetic import builtin_task, plant_outlier_channels, random_tower
 
-from .synthetic import plant_outlier_channels, random_tower
-
-SCHEMES = {
-    "paper (quantize_dynamic emulation)": dict(act_quant="paper"),
-    "per_token": dict(),
-    "per_token + SmoothQuant 0.5": dict(smooth_alpha=0.5, calibrate=True),
-    "per_tensor_static + SmoothQuant 0.5": dict(act_quant="per_tensor_static", smooth_alpha=0.5, calibrate=True),
-}
-
-
-def _fidelity(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
-    cos = F.cosine_similarity(out.float(), ref.float(), dim=-1)
-    err = (ref.double() - out.double()).pow(2).sum()
-    sqnr = float(10 * torch.log10(ref.double().pow(2).sum() / err)) if err > 0 else float("inf")
-    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "sqnr_db": sqnr}
+NOTE = ("Seeded random weights with planted outlier channels and a synthetic task: these figures show how the "
+        "method and the kernels behave, not CLIP's accuracy on real images.")
 
 
 def _throughput(fn, images: torch.Tensor, seconds: float) -> float:
     fn(images)  # warm-up (compiles on first call)
+    fn(images)
     n, start = 0, time.perf_counter()
     while True:
         fn(images)
@@ -48,63 +38,88 @@ def _throughput(fn, images: torch.Tensor, seconds: float) -> float:
             return n * images.shape[0] / elapsed
 
 
-def run_demo(out_dir: str | Path, model: str = "ViT-B-32", seed: int = 0, n_images: int = 32,
-             batch_size: int = 32, bench_seconds: float = 4.0, quiet: bool = False) -> dict:
+def run_demo(out_dir: str | Path, model: str = "ViT-B-32", seed: int = 0, n_images: int = 600, n_classes: int = 20,
+             batch_size: int = 32, bench_seconds: float = 3.0, schemes: tuple[str, ...] = ("paper", "smoothquant"),
+             main_scheme: str = "smoothquant", exit_layers="auto", quiet: bool = False) -> dict:
+    t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed + 1)
-    towers = {"random": random_tower(model, seed)}
-    towers["outlier"] = copy.deepcopy(towers["random"])
-    plan = plant_outlier_channels(towers["outlier"], seed=seed)
-    h, w = towers["random"].image_size
-    images = torch.randn(n_images, 3, h, w, generator=gen)
-    calib = torch.randn(32, 3, h, w, generator=gen)
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    say(f"building {model} (seeded random weights, planted outlier channels) and the synthetic task ...")
+    tower = random_tower(model, seed)
+    plan = plant_outlier_channels(tower, seed=seed)
+    task = builtin_task(tower, n_classes=n_classes, n_images=n_images, seed=seed)
+    source = TensorSource(task.images, task.labels, task.class_names, name="builtin")
 
-    with torch.no_grad():
-        refs = {name: tower(images) for name, tower in towers.items()}
-    fidelity: dict[str, dict[str, dict[str, float]]] = {}
-    steps = [(t, s) for t in towers for s in SCHEMES]
-    for tower_name, scheme in tqdm(steps, desc="quantize + compare", disable=quiet):
-        kwargs = dict(SCHEMES[scheme])
-        if kwargs.pop("calibrate", False):
-            kwargs["calibration_images"] = calib
-        q = QuantEarlyExitViT.from_open_clip(towers[tower_name], compile_blocks=False, **kwargs)
-        fidelity.setdefault(tower_name, {})[scheme] = _fidelity(refs[tower_name], q(images))
+    results, fp32 = {}, None
+    for scheme in schemes:
+        cfg = ExperimentConfig(scheme=scheme, exit_layers=exit_layers, seeds=(seed, seed + 1, seed + 2),
+                               batch_size=batch_size, n_boot=1000, ablate=True)
+        res = run_experiment(tower, source, task.text_features, cfg, task.class_names, fp32=fp32, progress=not quiet)
+        fp32 = res.fp32
+        results[scheme] = res
+        r = res.report
+        say(f"  {scheme:<12} full {100 * r['acc_full']:.1f}%  EE {100 * r['acc_ee']:.1f}%  "
+            f"FLOPs saved {100 * r['flops_saving']:.1f}%  ({r['seconds']:.0f}s)")
 
-    bench_images = torch.randn(batch_size, 3, h, w, generator=gen)
-    fp32 = towers["random"]
-    ours = QuantEarlyExitViT.from_open_clip(fp32)
-    throughput = {}
-    for name, fn in tqdm([("open_clip fp32", fp32), ("ours int8 per_token", ours)], desc="throughput", disable=quiet):
+    main = results[main_scheme]
+    qcal = main.quant_calibration_images
+    curves = {s: results[s].report["nsr_per_layer"] for s in schemes}
+    for scheme in tqdm([s for s in SCHEMES if s not in curves], desc="QIRC of the other schemes", disable=quiet):
+        q = quantize(tower, scheme, qcal)
+        curves[scheme] = diagnose(tower, q, qcal, scheme).nsr_per_layer
+
+    bench = task.images[:batch_size]
+    qvit = main.model
+    policy = qvit.exit_policy
+    runs = {
+        "open_clip fp32": lambda x: tower(x),
+        f"int8 {main_scheme} full depth": lambda x: (setattr(qvit, "exit_policy", None), qvit.classify(x)),
+        f"int8 {main_scheme} + LRA-EE": lambda x: (setattr(qvit, "exit_policy", policy), qvit.classify(x)),
+    }
+    img_s = {}
+    for name, fn in tqdm(runs.items(), desc="throughput", disable=quiet):
         with torch.inference_mode():
-            throughput[name] = _throughput(fn, bench_images, bench_seconds)
+            img_s[name] = _throughput(fn, bench, bench_seconds)
+    qvit.exit_policy = policy
 
     report = {
         "model": model,
         "weights": "random-seeded",
-        "seed": seed,
-        "note": "Seeded random weights and random inputs: fidelity and speed only, not accuracy on real data.",
-        "outlier_tower": {"residual_channels": plan.residual_channels, "ln_channels": plan.ln_channels,
-                          "outlier_ratio": plan.ratio},
-        "n_images": n_images,
-        "fidelity_vs_fp32": fidelity,
-        "throughput": {"img_per_s": throughput, "device": "cpu", "batch_size": batch_size,
-                       "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
-        "speedup_vs_fp32": throughput["ours int8 per_token"] / throughput["open_clip fp32"],
+        "note": NOTE,
+        "data": task.description,
+        **main.report,
+        "outlier_channels": {"residual": list(plan.residual_channels), "layernorm": list(plan.ln_channels),
+                             "ratio": plan.ratio},
+        "schemes": {s: {k: results[s].report[k] for k in ("acc_fp32", "acc_full", "acc_ee", "delta", "delta_ci95",
+                                                          "quadrants", "mcnemar_p", "flops_saving", "exit_layers",
+                                                          "exit_histogram", "nsr_per_layer", "executor_check")}
+                    | {"description": SCHEME_HELP[s]} for s in schemes},
+        "nsr_per_scheme": curves,
+        "throughput": {"img_per_s": img_s, "device": "cpu", "batch_size": batch_size, "threads": torch.get_num_threads(),
+                       "cpu": platform.processor() or platform.machine()},
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    report["seconds_total"] = time.perf_counter() - t0
+    sweeps = {s: {**results[s].report["tau0_sweep"], "acc_full": results[s].report["acc_full"],
+                  "operating": {"relative_flops": 1 - results[s].report["flops_saving"], "acc_ee": results[s].report["acc_ee"]}}
+              for s in schemes}
+    write_report(out_dir, report, qirc_curves=curves, quadrants={s: results[s].report["quadrants"] for s in schemes},
+                 sweeps=sweeps)
+    qvit.save(out_dir / "model")
     return report
 
 
-def format_report(report: dict) -> str:
-    lines = [f"{report['model']} ({report['weights']} weights; fidelity and speed, not accuracy)", ""]
-    lines.append(f"{'scheme':<38} {'tower':<8} {'cosine':>9} {'min':>9} {'SQNR dB':>8}")
-    for tower, schemes in report["fidelity_vs_fp32"].items():
-        for scheme, f in schemes.items():
-            lines.append(f"{scheme:<38} {tower:<8} {f['cosine_mean']:>9.5f} {f['cosine_min']:>9.5f} {f['sqnr_db']:>8.1f}")
+def format_summary(report: dict) -> str:
+    lines = [f"{report['model']} ({report['weights']} weights, synthetic task) — {report['note']}", ""]
+    lines.append(f"{'scheme':<14}{'FP32':>8}{'INT8':>8}{'INT8+EE':>9}{'delta (95% CI)':>24}{'rescued':>9}{'hurt':>7}"
+                 f"{'FLOPs saved':>13}{'final NSR':>11}")
+    for name, s in report["schemes"].items():
+        ci = s["delta_ci95"]
+        lines.append(f"{name:<14}{100 * s['acc_fp32']:>7.1f}%{100 * s['acc_full']:>7.1f}%{100 * s['acc_ee']:>8.1f}%"
+                     f"{100 * s['delta']:>+9.2f} [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
+                     f"{100 * s['quadrants']['rescued']:>8.1f}%{100 * s['quadrants']['hurt']:>6.1f}%"
+                     f"{100 * s['flops_saving']:>12.1f}%{100 * s['nsr_per_layer'][-1]:>10.1f}%")
     t = report["throughput"]
-    lines += ["", f"throughput, {t['device']}, batch {t['batch_size']}, {t['threads']} threads:"]
-    for name, v in t["img_per_s"].items():
-        lines.append(f"  {name:<24} {v:8.1f} img/s")
-    lines.append(f"  speed-up vs FP32: {report['speedup_vs_fp32']:.2f}x")
+    lines += ["", f"throughput ({t['device']}, batch {t['batch_size']}, {t['threads']} threads): " +
+              ", ".join(f"{k} {v:.1f} img/s" for k, v in t["img_per_s"].items())]
+    lines.append(f"total {report['seconds_total']:.0f}s")
     return "\n".join(lines)

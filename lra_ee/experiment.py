@@ -102,6 +102,8 @@ class ExperimentResult:
     report: dict
     model: QuantEarlyExitViT
     tables: dict[str, ExitTable] = field(repr=False, default_factory=dict)
+    fp32: dict[int, np.ndarray] = field(repr=False, default_factory=dict)  # FP32 top-5 of the pool, reusable
+    quant_calibration_images: torch.Tensor | None = field(repr=False, default=None)
 
 
 def run_experiment(
@@ -188,7 +190,7 @@ def run_experiment(
         **{k: getattr(ev, k) for k in ("acc_fp32", "acc_full", "acc_ee", "top5_fp32", "top5_full", "top5_ee",
                                        "delta", "delta_ci95", "acc_full_ci95", "acc_ee_ci95", "mcnemar_p",
                                        "mcnemar_p_vs_fp32", "flops_full", "flops_ee", "flops_saving")},
-        "quadrants": {k: ev.quadrants[k] for k in ("both_right", "rescued", "hurt", "both_wrong")},
+        "quadrants": ev.quadrants,
         "quadrants_vs_fp32": ev.quadrants_vs_fp32,
         "exit_histogram": ev.exit_histogram,
         "nsr_per_layer": qirc.nsr_per_layer,
@@ -210,4 +212,4 @@ def run_experiment(
         "tau0_sweep": extra.get("tau0_sweep", {}),
         "seconds": time.perf_counter() - t_start,
     }
-    return ExperimentResult(report, qvit, tables)
+    return ExperimentResult(report, qvit, tables, fp32, qcal_images)

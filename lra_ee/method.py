@@ -214,6 +214,10 @@ class EvalReport:
         return asdict(self)
 
 
+def _fractions(q: stats.Quadrants) -> dict[str, float]:
+    return {k: getattr(q, k) for k in ("both_right", "rescued", "hurt", "both_wrong")}
+
+
 def evaluate(table: ExitTable, policy: ExitPolicy, arch, num_classes: int, n_boot: int = 2000, seed: int = 0,
              target: str | None = None) -> EvalReport:
     """Measure an exit policy on the evaluation ``table`` (which must hold the policy's exit layers)."""
@@ -245,7 +249,7 @@ def evaluate(table: ExitTable, policy: ExitPolicy, arch, num_classes: int, n_boo
         top5_fp32=top5(t.fp32_top5) if has_fp32 else None, top5_full=top5(full_top5), top5_ee=top5(sim.top5),
         delta=float(ee_right.mean() - full_right.mean()), delta_ci95=boot["delta_ci"],
         acc_full_ci95=boot["acc_b_ci"], acc_ee_ci95=boot["acc_a_ci"],
-        quadrants=q.as_dict(), quadrants_vs_fp32=q_fp32.as_dict() if q_fp32 else None,
+        quadrants=_fractions(q), quadrants_vs_fp32=_fractions(q_fp32) if q_fp32 else None,
         mcnemar_p=stats.mcnemar(round(q.rescued * n), round(q.hurt * n)),
         mcnemar_p_vs_fp32=stats.mcnemar(round(q_fp32.rescued * n), round(q_fp32.hurt * n)) if q_fp32 else None,
         exit_histogram=hist, flops_full=float(fm.full()), flops_ee=float(per.mean()),

@@ -1,0 +1,218 @@
+"""Reports: ``report.json``, PNG plots and ``report.md``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return None if math.isnan(v) or math.isinf(v) else v
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    return x
+
+
+def write_json(path: Path, report: dict) -> Path:
+    path.write_text(json.dumps(_jsonable(report), indent=2))
+    return path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_qirc(curves: dict[str, list[float]], path: Path, title: str) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, nsr in curves.items():
+        ax.plot(range(len(nsr)), [100 * v for v in nsr], marker="o", ms=3, label=name)
+    ax.set_xlabel("blocks run (0 = embedding)")
+    ax.set_ylabel("NSR vs FP32 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_exit_histogram(hist: dict, path: Path, title: str) -> Path:
+    plt = _plt()
+    layers = sorted(int(k) for k in hist)
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    ax.bar([str(layer) for layer in layers], [100 * hist[layer] if layer in hist else 100 * hist[str(layer)] for layer in layers],
+           color="#4c72b0")
+    ax.set_xlabel("exit layer (blocks run; last = full depth)")
+    ax.set_ylabel("samples (%)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_quadrants(quadrants: dict[str, dict], path: Path, title: str) -> Path:
+    """One stacked bar per scheme: both right / rescued / hurt / both wrong (% of evaluation images)."""
+    plt = _plt()
+    names = list(quadrants)
+    parts = [("both_right", "#55a868"), ("rescued", "#4c72b0"), ("hurt", "#c44e52"), ("both_wrong", "#8c8c8c")]
+    fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.6 * len(names)))
+    left = np.zeros(len(names))
+    for key, color in parts:
+        vals = np.array([100 * quadrants[n][key] for n in names])
+        ax.barh(names, vals, left=left, color=color, label=key.replace("_", " "))
+        for i, v in enumerate(vals):
+            if v >= 4:
+                ax.text(left[i] + v / 2, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white")
+        left += vals
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("evaluation images (%)  — early exit vs INT8 full depth")
+    ax.set_title(title, fontsize=10)
+    ax.legend(ncol=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.12))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(sweeps: dict[str, dict], path: Path, title: str) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for name, s in sweeps.items():
+        pts = sorted(s["points"], key=lambda p: p["relative_flops"])
+        ax.plot([100 * p["relative_flops"] for p in pts], [100 * p["acc_ee"] for p in pts], marker=".", label=f"{name}: early exit")
+        if s.get("operating") is not None:
+            op = s["operating"]
+            ax.scatter([100 * op["relative_flops"]], [100 * op["acc_ee"]], marker="*", s=160, zorder=5)
+        if s.get("acc_full") is not None:
+            ax.scatter([100.0], [100 * s["acc_full"]], marker="s", s=40, zorder=5)
+    ax.set_xlabel("mean FLOPs (% of INT8 full depth, overhead included)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v, pct=True, digits=2):
+    if v is None:
+        return "–"
+    return f"{100 * v:.{digits}f}%" if pct else f"{v:.{digits}f}"
+
+
+def markdown(report: dict, plots: dict[str, str]) -> str:
+    """``report.md``: the numbers and the pictures a reader of the paper would look for."""
+    r = report
+    lines = [f"# LRA-EE report — {r.get('model')} ({r.get('weights')} weights)", ""]
+    if r.get("note"):
+        lines += [f"> {r['note']}", ""]
+    lines += [f"Data: {r.get('data')}. Scheme: **{r.get('scheme')}**. Target: {r.get('target')}. "
+              f"Calibration images: {r.get('n_calibration')}, evaluation images: {r.get('n_eval')} "
+              f"(disjoint; seeds {r.get('seeds')}).", ""]
+    lines += ["## Accuracy and FLOPs (evaluation split)", "",
+              "| | top-1 | top-5 | mean GFLOPs / image |", "|---|---|---|---|",
+              f"| FP32 | {_fmt(r.get('acc_fp32'))} | {_fmt(r.get('top5_fp32'))} | – |",
+              f"| INT8 full depth | {_fmt(r.get('acc_full'))} | {_fmt(r.get('top5_full'))} | {r['flops_full'] / 1e9:.3f} |",
+              f"| INT8 + LRA-EE | {_fmt(r.get('acc_ee'))} | {_fmt(r.get('top5_ee'))} | {r['flops_ee'] / 1e9:.3f} |", "",
+              f"Δ top-1 (LRA-EE − INT8 full): **{100 * r['delta']:+.2f} pp**, paired bootstrap 95% CI "
+              f"[{100 * r['delta_ci95'][0]:+.2f}, {100 * r['delta_ci95'][1]:+.2f}] pp; "
+              f"FLOPs saved: **{_fmt(r['flops_saving'])}** (exit heads and gates included); "
+              f"McNemar p (rescued vs hurt) = {r['mcnemar_p']:.3g}.", ""]
+    if r.get("over_seeds"):
+        s = r["over_seeds"]
+        lines += ["Over calibration seeds (mean ± std): " + ", ".join(
+            f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}%" for k, v in s.items()) + ".", ""]
+    q = r["quadrants"]
+    lines += ["## Four quadrants (vs INT8 full depth, per-sample correctness against the target)", "",
+              "| both right | rescued (EE right, full wrong) | hurt (EE wrong, full right) | both wrong |", "|---|---|---|---|",
+              f"| {_fmt(q['both_right'])} | {_fmt(q['rescued'])} | {_fmt(q['hurt'])} | {_fmt(q['both_wrong'])} |", "",
+              f"Identity check: acc_EE − acc_full = {100 * r['delta']:+.3f} pp = rescued − hurt = "
+              f"{100 * (q['rescued'] - q['hurt']):+.3f} pp.", ""]
+    if "quadrants" in plots:
+        lines += [f"![quadrants]({plots['quadrants']})", ""]
+    if r.get("schemes"):
+        lines += ["## Schemes: the paper's INT8, a better quantizer, and early exit on each", "",
+                  "| scheme | FP32 | INT8 full | INT8 + EE | Δ (95% CI) | rescued | hurt | FLOPs saved | final NSR |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, s in r["schemes"].items():
+            lines.append(f"| {name} | {_fmt(s.get('acc_fp32'))} | {_fmt(s['acc_full'])} | {_fmt(s['acc_ee'])} | "
+                         f"{100 * s['delta']:+.2f} [{100 * s['delta_ci95'][0]:+.2f}, {100 * s['delta_ci95'][1]:+.2f}] | "
+                         f"{_fmt(s['quadrants']['rescued'])} | {_fmt(s['quadrants']['hurt'])} | {_fmt(s['flops_saving'])} | "
+                         f"{_fmt(s['nsr_per_layer'][-1], digits=1)} |")
+        lines.append("")
+    lines += ["## QIRC: noise-to-signal ratio per layer", ""]
+    if "qirc" in plots:
+        lines += [f"![QIRC]({plots['qirc']})", ""]
+    lines += ["NSR after each block (report's scheme): " + ", ".join(f"{100 * v:.1f}%" for v in r["nsr_per_layer"]), ""]
+    lines += ["## Exits", "",
+              f"Exit layers {r['exit_layers']}, INR {[round(v, 2) for v in r['inr_per_exit']]}, "
+              f"thresholds {[round(v, 3) for v in r['thresholds']]} (tau0 = {r.get('tau0')}, alpha = {r.get('alpha')}).", ""]
+    if "exit_histogram" in plots:
+        lines += [f"![exit histogram]({plots['exit_histogram']})", ""]
+    if "pareto" in plots:
+        lines += ["## Accuracy vs FLOPs", "", f"![pareto]({plots['pareto']})", ""]
+    if r.get("ablations"):
+        lines += ["## Ablations (each re-calibrated on the calibration split)", "",
+                  "| variant | top-1 EE | Δ vs full | FLOPs saved |", "|---|---|---|---|"]
+        for name, a in r["ablations"].items():
+            lines.append(f"| {name} | {_fmt(a['acc_ee'])} | {100 * a['delta']:+.2f} pp | {_fmt(a['flops_saving'])} |")
+        lines.append("")
+    if r.get("alpha_sweep"):
+        lines += ["Alpha sweep (0 = flat threshold): " + "; ".join(
+            f"α={a['alpha']}: {_fmt(a['acc_ee'])}, saved {_fmt(a['flops_saving'])}" for a in r["alpha_sweep"]) + ".", ""]
+    if r.get("executor_check"):
+        e = r["executor_check"]
+        lines += [f"Executor check: on {e['n']} evaluation images the real batched executor agreed with the "
+                  f"simulated exits on {_fmt(e['exit_layer_agreement'])} of exit layers and "
+                  f"{_fmt(e['prediction_agreement'])} of predictions"
+                  + (" (the paper's scheme quantizes per batch, so compaction changes its results)." if r.get("scheme") == "paper" else "."), ""]
+    if r.get("throughput"):
+        t = r["throughput"]
+        lines += [f"## Throughput ({t.get('device')}, batch {t.get('batch_size')}, {t.get('threads')} threads)", "",
+                  "| | img/s |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in t["img_per_s"].items()] + [""]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, report: dict, qirc_curves: dict[str, list[float]] | None = None,
+                 quadrants: dict[str, dict] | None = None, sweeps: dict[str, dict] | None = None) -> dict[str, Path]:
+    """Write ``report.json``, the plots and ``report.md`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    label = f"{report.get('model')}, {report.get('weights')} weights, {report.get('data', '')}"
+    plots: dict[str, str] = {}
+    curves = qirc_curves or {report["scheme"]: report["nsr_per_layer"]}
+    plots["qirc"] = plot_qirc(curves, out / "qirc_nsr.png", f"QIRC: NSR per layer ({label})").name
+    plots["exit_histogram"] = plot_exit_histogram(report["exit_histogram"], out / "exit_histogram.png",
+                                                  f"exits, {report['scheme']} ({label})").name
+    plots["quadrants"] = plot_quadrants(quadrants or {report["scheme"]: report["quadrants"]}, out / "quadrants.png",
+                                        f"four quadrants ({label})").name
+    if sweeps or report.get("tau0_sweep"):
+        sw = sweeps or {report["scheme"]: {**report["tau0_sweep"], "acc_full": report["acc_full"],
+                                            "operating": {"relative_flops": 1 - report["flops_saving"], "acc_ee": report["acc_ee"]}}}
+        plots["pareto"] = plot_pareto(sw, out / "pareto.png", f"accuracy vs FLOPs ({label})").name
+    files = {k: out / v for k, v in plots.items()}
+    files["json"] = write_json(out / "report.json", report)
+    (out / "report.md").write_text(markdown(_jsonable(report), plots))
+    files["md"] = out / "report.md"
+    return files

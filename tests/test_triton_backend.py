@@ -53,16 +53,17 @@ def _pair(act_quant="per_token", act="gelu", **kwargs):
     return v, ref.to(DEVICE), tri.to(DEVICE)
 
 
-SCHEMES = (
-    ("per_token", "gelu", {}),
-    ("per_token", "quick_gelu", {"smooth_alpha": 0.5}),
-    ("per_tensor_static", "gelu", {}),
-    ("paper", "gelu", {}),
-)
+SCHEMES = {
+    "per_token": ("per_token", "gelu", {}),
+    "per_token-quick_gelu-smooth": ("per_token", "quick_gelu", {"smooth_alpha": 0.5}),
+    "per_token-int8_patch_embed": ("per_token", "gelu", {"int8_patch_embed": True}),
+    "per_tensor_static": ("per_tensor_static", "gelu", {}),
+    "paper": ("paper", "gelu", {}),
+}
 
 
 @ignore_fp_warnings
-@pytest.mark.parametrize("act_quant,act,kwargs", SCHEMES, ids=[f"{s[0]}-{s[1]}" for s in SCHEMES])
+@pytest.mark.parametrize("act_quant,act,kwargs", SCHEMES.values(), ids=SCHEMES.keys())
 def test_tiny_vit_end_to_end_matches_torch_backend(act_quant, act, kwargs):
     v, ref, tri = _pair(act_quant, act, **kwargs)
     assert tri.resolved_backend == "triton" and tri.ops() is triton_ops()

@@ -778,15 +778,20 @@ def serve_main(args: argparse.Namespace) -> int:
         num_cpus=checked["num_cpus"],
         num_gpus=checked["num_gpus"],
     )
-    stop = threading.Event()
+    shutting_down = False
 
     def on_signal(signum, frame):
-        stop.set()
+        # SIGTERM stops like Ctrl-C; a second signal during the shutdown is ignored (no traceback).
+        if not shutting_down:
+            raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    previous: dict = {}
+    code = 0
     try:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"))  # a running cluster if RAY_ADDRESS is set
+        # after ray.init, which installs a SIGTERM handler that aborts the driver
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         start(app, host=args.host, port=args.port)
         info = engine.describe()
         what = "early exit at layers " + ",".join(map(str, info["exit_layers"])) if info["early_exit"] else "full depth"
@@ -795,18 +800,24 @@ def serve_main(args: argparse.Namespace) -> int:
             f"http://{args.host}:{args.port}  [POST /embed, POST /classify, GET /healthz]; Ctrl-C stops",
             flush=True,
         )
-        while not stop.wait(0.5):
-            pass
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        shutting_down = True
+        print("lra-ee serve: shutting down", file=sys.stderr, flush=True)
     except Exception as err:  # Ray failed to start or the replicas failed to come up
+        shutting_down = True
         print(f"lra-ee serve: error: serving failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+        code = 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        if ray.is_initialized():
-            try:
-                _ray_serve.shutdown()
-            finally:
-                ray.shutdown()
-    return 0
+        shutting_down = True
+        try:
+            if ray.is_initialized():
+                try:
+                    _ray_serve.shutdown()
+                finally:
+                    ray.shutdown()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return code

@@ -365,6 +365,44 @@ def http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+def test_lra_ee_serve_command_end_to_end(model_dir, tmp_path):
+    """The real command in a subprocess (its own Ray): serves, answers, stops cleanly on Ctrl-C.
+    Runs before the module's server fixture starts, so the two Ray instances never overlap."""
+    pytest.importorskip("ray.serve")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "lra_ee.cli", "serve", "--model-dir", str(model_dir), "--port", str(port),
+           "--max-batch-size", "4", "--batch-wait-ms", "1"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while b"Ctrl-C stops" not in log.read_bytes():
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "lra-ee serve did not come up in 120 s"
+            time.sleep(0.5)
+        body = valid_images()[0][1]
+        status, answer = http("POST", f"http://127.0.0.1:{port}/classify", body)
+        assert status == 200 and answer["name"] in CLASS_NAMES
+        status, answer = http("GET", f"http://127.0.0.1:{port}/healthz")
+        assert status == 200 and answer["exit_layers"] == list(EXITS)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text and "shutting down" in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(model_dir):
     """``{"url", "plain_url", "plain_visual"}``: the saved early-exit model at ``/`` and a plain FP32

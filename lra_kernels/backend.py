@@ -2,8 +2,9 @@
 
 A backend is a small namespace of operations with the contracts of the kernel references:
 ``layernorm_quant``, ``quantize_per_token``, ``quantize_per_tensor``, ``int8_gemm``,
-``attention``, ``exit_head``, ``gate_features``, and ``attn_dtype`` (the dtype the qkv GEMM
-writes and the attention core runs in). Modules receive the namespace and call it; they never branch on the backend.
+``attention``, ``exit_head``, ``gate_features``, ``attn_dtype`` (the dtype the qkv GEMM
+writes and the attention core runs in) and ``hidden_dtype`` (the dtype the c_fc GEMM writes
+before it is re-quantized for c_proj). Modules receive the namespace and call it; they never branch on the backend.
 
 - ``"torch"``: the ``*_ref`` functions (``torch._int_mm`` for the INT8 GEMMs). On CPU the
   transformer blocks are compiled with TorchInductor (see ``compile_blocks``) so that the
@@ -79,6 +80,7 @@ def _torch_ops() -> SimpleNamespace:
     return SimpleNamespace(
         name="torch",
         attn_dtype=torch.float32,  # dtype of the qkv GEMM output and the attention core
+        hidden_dtype=torch.float32,  # dtype of the MLP hidden (c_fc output), re-quantized for c_proj
         layernorm_quant=layernorm_quant_ref,
         quantize_per_token=quantize_per_token_ref,
         quantize_per_tensor=quantize_per_tensor_ref,

@@ -187,6 +187,6 @@ class QuantBlock(nn.Module):
         qkv = self._norm_linear(x2, self.ln_1, self.attn.in_proj, ops, out_dtype=ops.attn_dtype)
         a = ops.attention(qkv.view(B, T, 3 * D), self.attn.n_head).reshape(B * T, D)
         x2 = self.attn.out_proj(a, ops, residual=x2, out_dtype=x2.dtype)
-        h = self._norm_linear(x2, self.ln_2, self.mlp.c_fc, ops, self.mlp.activation)
+        h = self._norm_linear(x2, self.ln_2, self.mlp.c_fc, ops, self.mlp.activation, out_dtype=ops.hidden_dtype)
         x2 = self.mlp.c_proj(h, ops, residual=x2)
         return x2.view(B, T, D)

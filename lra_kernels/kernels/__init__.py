@@ -35,6 +35,8 @@ def triton_ops():
     return SimpleNamespace(
         name="triton",
         attn_dtype=torch.float32 if interpreting() else torch.float16,
+        # The MLP hidden is re-quantized to INT8 right away: fp16 halves its round trip on GPU.
+        hidden_dtype=torch.float32 if interpreting() else torch.float16,
         layernorm_quant=layernorm_quant,
         quantize_per_token=quantize_per_token,
         quantize_per_tensor=quantize_per_tensor,

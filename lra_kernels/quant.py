@@ -38,8 +38,9 @@ AMAX_FLOOR = 1e-12  # rows whose max |x| is below this are quantized as if it we
 def _round_clamp_int8(v: torch.Tensor, lo: int = -QMAX, hi: int = QMAX) -> torch.Tensor:
     v = torch.clamp(torch.round(v), lo, hi)
     # NaN codes would be implementation-defined after the cast; zero them (the scale carries
-    # the NaN, so the row's output is still non-finite).
-    return torch.nan_to_num(v, nan=0.0).to(torch.int8)
+    # the NaN, so the row's output is still non-finite). ``v == v`` is False only for NaN and,
+    # unlike nan_to_num, vectorizes when compiled; clamp has already removed +-Inf.
+    return torch.where(v == v, v, torch.zeros_like(v)).to(torch.int8)
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +123,7 @@ def quantize_paper_dynamic_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     x = x.float()
     scale, zp = choose_qparams_dynamic(x)
     q = torch.clamp(torch.round(x / scale) + zp, 0, QMAX)
-    q = torch.nan_to_num(q, nan=0.0) - zp
+    q = torch.where(q == q, q, torch.zeros_like(q)) - zp
     return q.to(torch.int8), scale.expand(x.shape[:-1])
 
 

@@ -12,7 +12,6 @@ Bad or missing weights / data give one error line and exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import warnings

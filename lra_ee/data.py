@@ -182,12 +182,21 @@ def split_indices(n: int, calib_fraction: float, seed: int) -> tuple[np.ndarray,
     return np.sort(perm[:k]), np.sort(perm[k:])
 
 
-def preprocess_from_cfg(cfg: dict) -> Callable:
-    """open_clip's evaluation transform for a saved ``preprocess_cfg`` (resize, crop, RGB, normalise)."""
+def preprocess_from_cfg(preprocess_cfg: dict, image_size: tuple[int, int] | None = None) -> Callable:
+    """open_clip's eval transform for a model's saved ``preprocess_cfg`` (PIL image -> ``[3, H, W]`` fp32).
+
+    As ``open_clip.create_model_and_transforms`` does: ``image_transform_v2(PreprocessCfg(**cfg),
+    is_train=False)``; keys open_clip does not know are ignored, missing ones take its defaults.
+    """
+    from dataclasses import fields
+
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    fields = PreprocessCfg.__dataclass_fields__
-    return image_transform_v2(PreprocessCfg(**{k: v for k, v in cfg.items() if k in fields}), is_train=False)
+    known = {f.name for f in fields(PreprocessCfg)}
+    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (preprocess_cfg or {}).items() if k in known}
+    if "size" not in cfg and image_size is not None:
+        cfg["size"] = tuple(image_size)
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 
 # ---------------------------------------------------------------------- text side

@@ -9,7 +9,7 @@ rest is split per seed into disjoint calibration / evaluation parts (or comes as
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from lra_kernels import QuantEarlyExitViT
 
 from . import stats
-from .data import TensorSource, split_indices
+from .data import split_indices
 from .exits import HEADS, ExitTable, collect_tables, simulate, verify_with_executor
 from .method import ablations, evaluate, fit_policy, policy_scores
 from .qirc import diagnose

@@ -35,13 +35,15 @@ import warnings
 from collections import Counter as _Tally
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .data import preprocess_from_cfg
 
 try:  # optional extra: pip install "lra-kernels[serve]"
     with warnings.catch_warnings():  # Ray's own pydantic-v1-style fields warn at import
@@ -65,19 +67,7 @@ class BadImage(ValueError):
 
 
 # ---------------------------------------------------------------------- preprocessing
-def build_transform(preprocess_cfg: dict[str, Any], image_size: tuple[int, int] | None = None) -> Callable:
-    """open_clip's eval transform for a model's ``preprocess_cfg`` (PIL image -> ``[3, H, W]`` fp32).
-
-    As ``open_clip.create_model_and_transforms`` does: ``image_transform_v2(PreprocessCfg(**cfg),
-    is_train=False)``; keys open_clip does not know are ignored, missing ones take its defaults.
-    """
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    known = {f.name for f in fields(PreprocessCfg)}
-    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (preprocess_cfg or {}).items() if k in known}
-    if "size" not in cfg and image_size is not None:
-        cfg["size"] = tuple(image_size)
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+build_transform = preprocess_from_cfg  # open_clip's eval transform for a saved preprocess_cfg
 
 
 def _sniff_format(body: bytes) -> str | None:

@@ -1,6 +1,5 @@
 """Image sources, splits, templates and the cached zero-shot text classifier."""
 
-import warnings
 
 import numpy as np
 import pytest

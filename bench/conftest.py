@@ -7,6 +7,7 @@ open_clip tower with the same random weights, not accuracy of real CLIP.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -139,20 +140,24 @@ def _tower(name, visual, images, tmp_path_factory) -> Tower:
 
 
 @pytest.fixture(scope="session")
-def random_tower(images, tmp_path_factory) -> Tower:
+def random_tower(images, tmp_path_factory):
     from lra_ee.synthetic import random_tower
 
-    return _tower("random", random_tower(MODEL, seed=0), images, tmp_path_factory)
+    tower = _tower("random", random_tower(MODEL, seed=0), images, tmp_path_factory)
+    yield tower
+    shutil.rmtree(tower.workdir, ignore_errors=True)  # ~0.7 GB of exports per tower
 
 
 @pytest.fixture(scope="session")
-def outlier_tower(images, tmp_path_factory) -> Tower:
+def outlier_tower(images, tmp_path_factory):
     """The same random tower with trained-CLIP-like activation outlier channels planted."""
     from lra_ee.synthetic import plant_outlier_channels, random_tower
 
     visual = random_tower(MODEL, seed=0)
     plant_outlier_channels(visual)
-    return _tower("outlier", visual, images, tmp_path_factory)
+    tower = _tower("outlier", visual, images, tmp_path_factory)
+    yield tower
+    shutil.rmtree(tower.workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -163,7 +168,8 @@ def results(request) -> dict:
 
 # ---------------------------------------------------------------------- summary table
 def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+    width = int(spec.split(".")[0] or 0)
+    return "-".rjust(width) if v is None else format(v, spec)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -24,13 +24,14 @@ class QuantConfig:
     static_percentile: for ``per_tensor_static``, the percentile of |x| taken as the clipping
         range (None: the maximum).
     int8_patch_embed: run the patch embedding (``conv1``) as a per-patch INT8 GEMM instead of a
-        float convolution (faster on CPU; see docs/quantization.md).
+        float convolution. None (default): yes, except under ``act_quant="paper"`` (the paper's
+        baseline left it float). See docs/quantization.md.
     """
 
     act_quant: str = "per_token"
     smooth_alpha: float | None = None
     static_percentile: float | None = None
-    int8_patch_embed: bool = False
+    int8_patch_embed: bool | None = None
 
     def __post_init__(self):
         if self.act_quant not in ACT_QUANT:
@@ -45,6 +46,8 @@ class QuantConfig:
                 raise ValueError("static_percentile applies to act_quant='per_tensor_static' only")
             if not 0.0 < float(self.static_percentile) <= 100.0:
                 raise ValueError(f"static_percentile must lie in (0, 100], got {self.static_percentile}")
+        if self.int8_patch_embed is None:
+            object.__setattr__(self, "int8_patch_embed", self.act_quant != "paper")
         if self.int8_patch_embed and self.act_quant == "paper":
             raise ValueError("int8_patch_embed cannot be combined with act_quant='paper'")
 

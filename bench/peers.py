@@ -70,17 +70,25 @@ def build_torch_dynamic_int8(visual: nn.Module, calibration_images: torch.Tensor
 
 
 def build_lra_int8(visual: nn.Module, calibration_images: torch.Tensor, **_) -> Embed:
-    """Ours: W8A8 per-token (torch backend; Inductor-compiled blocks on CPU at the first call)."""
+    """Ours, defaults: W8A8 per-token, INT8 patch embedding (torch backend; Inductor-compiled
+    blocks on CPU at the first call)."""
     from lra_kernels import QuantEarlyExitViT
 
     return QuantEarlyExitViT.from_open_clip(visual)
 
 
-def build_lra_int8_patch_embed(visual: nn.Module, calibration_images: torch.Tensor, **_) -> Embed:
-    """Ours with the patch embedding as an INT8 GEMM as well."""
+def build_lra_int8_smoothquant(visual: nn.Module, calibration_images: torch.Tensor, **_) -> Embed:
+    """Ours with SmoothQuant (alpha 0.5) calibrated on the same images as OpenVINO's NNCF."""
     from lra_kernels import QuantEarlyExitViT
 
-    return QuantEarlyExitViT.from_open_clip(visual, int8_patch_embed=True)
+    return QuantEarlyExitViT.from_open_clip(visual, smooth_alpha=0.5, calibration_images=calibration_images)
+
+
+def build_lra_int8_float_patch_embed(visual: nn.Module, calibration_images: torch.Tensor, **_) -> Embed:
+    """Ours with the patch embedding as a float convolution (the design's original layout)."""
+    from lra_kernels import QuantEarlyExitViT
+
+    return QuantEarlyExitViT.from_open_clip(visual, int8_patch_embed=False)
 
 
 # ---------------------------------------------------------------------- exports
@@ -217,7 +225,8 @@ PROVIDERS = (
     "openvino_bf16",
     "openvino_fp32",
     "lra_int8",
-    "lra_int8_patch_embed",
+    "lra_int8_smoothquant",
+    "lra_int8_float_patch_embed",
 )
 OURS = "lra_int8"
 FP32 = "open_clip_fp32"

@@ -15,8 +15,8 @@ from lra_kernels import QuantEarlyExitViT
 
 SCHEMES = {
     "paper (quantize_dynamic emulation)": dict(act_quant="paper"),
-    "per_token": dict(),
-    "per_token, INT8 patch embedding": dict(int8_patch_embed=True),
+    "per_token (default: INT8 patch embedding)": dict(),
+    "per_token, float patch embedding": dict(int8_patch_embed=False),
     "per_token + SmoothQuant 0.5": dict(smooth_alpha=0.5, calibrate=True),
     "per_tensor_static (max)": dict(act_quant="per_tensor_static", calibrate=True),
     "per_tensor_static + SmoothQuant 0.5": dict(act_quant="per_tensor_static", smooth_alpha=0.5, calibrate=True),

@@ -42,6 +42,15 @@ class ClassifyResult:
     gate_features: torch.Tensor | None = None
     gate_scores: torch.Tensor | None = None
 
+    @classmethod
+    def cat(cls, parts: list["ClassifyResult"]) -> "ClassifyResult":
+        """Rows of several results, in order (chunks of one batch)."""
+        def join(name):
+            ts = [getattr(p, name) for p in parts]
+            return None if ts[0] is None else torch.cat(ts)
+
+        return cls(*(join(n) for n in ("logits", "embeddings", "exit_layer", "gate_features", "gate_scores")))
+
 
 @dataclass
 class AllExitsResult:
@@ -55,6 +64,12 @@ class AllExitsResult:
     logits: torch.Tensor
     embeddings: torch.Tensor
     features: torch.Tensor
+
+    @classmethod
+    def cat(cls, parts: list["AllExitsResult"]) -> "AllExitsResult":
+        """Samples of several results, in order (dimension 1)."""
+        return cls(parts[0].layers, *(torch.cat([getattr(p, n) for p in parts], dim=1)
+                                      for n in ("logits", "embeddings", "features")))
 
 
 def _normalise(e: torch.Tensor) -> torch.Tensor:

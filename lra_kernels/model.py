@@ -115,6 +115,10 @@ class QuantEarlyExitViT(nn.Module):
         self.backend = validate_backend(backend)
         self.compile_blocks = compile_blocks
         self._compile_failed = False
+        # CPU torch path: large batches run in chunks of about this many tokens (ViT-B/32: 32
+        # images), which keeps a block's INT32/FP32 intermediates in the last-level cache; rows
+        # are batch-independent, so chunking changes no result. None disables it.
+        self.cpu_chunk_tokens: int | None = 1600
 
         # open_clip's public attributes
         self.image_size, self.patch_size, self.grid_size = arch.image_size, arch.patch_size, arch.grid_size
@@ -295,6 +299,17 @@ class QuantEarlyExitViT(nn.Module):
             return x[:, 1:].mean(dim=1), x[:, 1:]
         return x[:, 0], x[:, 1:]
 
+    def chunk_size(self) -> int | None:
+        """Images per chunk, or None for one pass (GPU, the paper's batch-dependent scheme)."""
+        if (self.cpu_chunk_tokens and self.device.type == "cpu" and self.resolved_backend == "torch"
+                and self.quant_config.act_quant != "paper"):
+            return max(1, int(self.cpu_chunk_tokens) // self.arch.num_tokens)
+        return None
+
+    def _chunks(self, images: torch.Tensor) -> list[torch.Tensor]:
+        n = self.chunk_size()
+        return [images] if n is None or images.shape[0] <= n else list(images.split(n))
+
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Tokens after the last block, ``[B, T, D]`` fp32 (images already checked)."""
         ops = self.ops()
@@ -308,11 +323,14 @@ class QuantEarlyExitViT(nn.Module):
         """Tokens after the embedding and after each block: ``depth + 1`` tensors ``[B, T, D]``."""
         images = self.check_images(images)
         ops = self.ops()
+        per_chunk = []
         with torch.autocast(images.device.type, enabled=False):
-            states = [self.embed(images, ops)]
-            for i in range(self.depth):
-                states.append(self.run_block(i, states[-1], ops))
-        return states
+            for chunk in self._chunks(images):
+                states = [self.embed(chunk, ops)]
+                for i in range(self.depth):
+                    states.append(self.run_block(i, states[-1], ops))
+                per_chunk.append(states)
+        return per_chunk[0] if len(per_chunk) == 1 else [torch.cat(s) for s in zip(*per_chunk)]
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor):
@@ -326,7 +344,8 @@ class QuantEarlyExitViT(nn.Module):
             # Exit heads give directions, not the final head's norms: all rows come back normalised.
             return self.classify(images).embeddings.to(images.dtype)
         with torch.autocast(images.device.type, enabled=False):
-            pooled, tokens = self.pool(self.forward_tokens(images))
+            parts = [self.pool(self.forward_tokens(chunk)) for chunk in self._chunks(images)]
+        pooled, tokens = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
         if self.output_tokens:
             return pooled.to(images.dtype), tokens.to(images.dtype)
         return pooled.to(images.dtype)
@@ -395,7 +414,9 @@ class QuantEarlyExitViT(nn.Module):
         text = self._require_classifier()
         images = self.check_images(images)
         with torch.autocast(images.device.type, enabled=False):
-            return run_early_exit(self, images.float(), self.exit_policy, text, self.logit_scale, return_gate)
+            parts = [run_early_exit(self, c.float(), self.exit_policy, text, self.logit_scale, return_gate)
+                     for c in self._chunks(images)]
+        return parts[0] if len(parts) == 1 else ClassifyResult.cat(parts)
 
     @torch.no_grad()
     def all_exits(self, images: torch.Tensor, layers: tuple[int, ...] | None = None, head: str | None = None) -> AllExitsResult:
@@ -407,7 +428,9 @@ class QuantEarlyExitViT(nn.Module):
         if layers and (layers[0] < 1 or layers[-1] > self.depth - 1):
             raise ValueError(f"exit layers must lie in 1..{self.depth - 1}, got {layers}")
         with torch.autocast(images.device.type, enabled=False):
-            return run_all_exits(self, images.float(), layers, text, self.logit_scale, head or self.exit_policy.head)
+            parts = [run_all_exits(self, c.float(), layers, text, self.logit_scale, head or self.exit_policy.head)
+                     for c in self._chunks(images)]
+        return parts[0] if len(parts) == 1 else AllExitsResult.cat(parts)
 
     def flops(self, num_classes: int | None = None) -> FlopsModel:
         """Per-sample FLOPs of each stage (see ``lra_kernels.flops``)."""

@@ -261,3 +261,23 @@ def test_flops_counts_by_hand():
     assert per.tolist() == expect
     assert fm.per_sample(torch.tensor([DEPTH]), ()).item() == fm.full()
     assert fm.exit_head > fm.classifier and fm.gate > 0
+
+
+def test_chunked_batches_equal_one_pass(qvit):
+    """Large CPU batches run in cache-sized chunks; rows are batch-independent, so nothing changes."""
+    x = images_for(qvit, 11)
+    p = mixed_policy(qvit, x)
+    qvit.exit_policy = p
+    try:
+        qvit.cpu_chunk_tokens = None
+        one = (qvit(x), qvit.classify(x, return_gate=True), qvit.all_exits(x), qvit.hidden_states(x))
+        qvit.cpu_chunk_tokens = 3 * qvit.arch.num_tokens
+        assert qvit.chunk_size() == 3
+        chunked = (qvit(x), qvit.classify(x, return_gate=True), qvit.all_exits(x), qvit.hidden_states(x))
+    finally:
+        qvit.exit_policy, qvit.cpu_chunk_tokens = None, 1600
+    assert torch.equal(one[0], chunked[0])
+    for name in ("logits", "embeddings", "exit_layer", "gate_scores"):
+        assert torch.equal(getattr(one[1], name).nan_to_num(-1), getattr(chunked[1], name).nan_to_num(-1)), name
+    assert torch.equal(one[2].logits, chunked[2].logits) and torch.equal(one[2].features, chunked[2].features)
+    assert all(torch.equal(a, b) for a, b in zip(one[3], chunked[3]))

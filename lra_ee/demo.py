@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .data import TensorSource
-from .experiment import SCHEME_HELP, SCHEMES, ExperimentConfig, quantize, run_experiment
+from .experiment import SCHEME_HELP, SCHEME_LABEL, SCHEMES, ExperimentConfig, quantize, run_experiment
 from .qirc import diagnose
 from .report import write_report
 from .synthetic import builtin_task, plant_outlier_channels, random_tower
@@ -102,8 +102,9 @@ def run_demo(out_dir: str | Path, model: str = "ViT-B-32", seed: int = 0, n_imag
     sweeps = {s: {**results[s].report["tau0_sweep"], "acc_full": results[s].report["acc_full"],
                   "operating": {"relative_flops": 1 - results[s].report["flops_saving"], "acc_ee": results[s].report["acc_ee"]}}
               for s in schemes}
-    write_report(out_dir, report, qirc_curves=curves, quadrants={s: results[s].report["quadrants"] for s in schemes},
-                 sweeps=sweeps)
+    write_report(out_dir, report, qirc_curves={SCHEME_LABEL[s]: c for s, c in curves.items()},
+                 quadrants={SCHEME_LABEL[s]: results[s].report["quadrants"] for s in schemes},
+                 sweeps={SCHEME_LABEL[s]: v for s, v in sweeps.items()})
     qvit.save(out_dir / "model")
     return report
 

@@ -30,6 +30,12 @@ SCHEMES = {
     "smoothquant": dict(act_quant="per_token", smooth_alpha=0.5),
     "per_tensor_static": dict(act_quant="per_tensor_static", smooth_alpha=0.5),
 }
+SCHEME_LABEL = {
+    "paper": "paper (quantize_dynamic)",
+    "per_token": "per-token",
+    "smoothquant": "per-token + SmoothQuant",
+    "per_tensor_static": "static per-tensor + SmoothQuant",
+}
 SCHEME_HELP = {
     "paper": "the paper's baseline: torch.ao quantize_dynamic emulation (MLP only, per-tensor)",
     "per_token": "W8A8, per-token dynamic activations",

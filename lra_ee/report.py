@@ -74,7 +74,7 @@ def plot_quadrants(quadrants: dict[str, dict], path: Path, title: str) -> Path:
     plt = _plt()
     names = list(quadrants)
     parts = [("both_right", "#55a868"), ("rescued", "#4c72b0"), ("hurt", "#c44e52"), ("both_wrong", "#8c8c8c")]
-    fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.6 * len(names)))
+    fig, ax = plt.subplots(figsize=(6.4, 1.6 + 0.6 * len(names)))
     left = np.zeros(len(names))
     for key, color in parts:
         vals = np.array([100 * quadrants[n][key] for n in names])
@@ -85,8 +85,8 @@ def plot_quadrants(quadrants: dict[str, dict], path: Path, title: str) -> Path:
         left += vals
     ax.set_xlim(0, 100)
     ax.set_xlabel("evaluation images (%)  — early exit vs INT8 full depth")
-    ax.set_title(title, fontsize=10)
-    ax.legend(ncol=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.12))
+    ax.set_title(title, fontsize=10, pad=24)
+    ax.legend(ncol=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -98,12 +98,16 @@ def plot_pareto(sweeps: dict[str, dict], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     for name, s in sweeps.items():
         pts = sorted(s["points"], key=lambda p: p["relative_flops"])
-        ax.plot([100 * p["relative_flops"] for p in pts], [100 * p["acc_ee"] for p in pts], marker=".", label=f"{name}: early exit")
+        (line,) = ax.plot([100 * p["relative_flops"] for p in pts], [100 * p["acc_ee"] for p in pts], marker=".",
+                          label=f"{name}: early exit, tau0 sweep")
+        color = line.get_color()
         if s.get("operating") is not None:
             op = s["operating"]
-            ax.scatter([100 * op["relative_flops"]], [100 * op["acc_ee"]], marker="*", s=160, zorder=5)
+            ax.scatter([100 * op["relative_flops"]], [100 * op["acc_ee"]], marker="*", s=180, zorder=5, color=color,
+                       edgecolor="black", label=f"{name}: calibrated operating point")
         if s.get("acc_full") is not None:
-            ax.scatter([100.0], [100 * s["acc_full"]], marker="s", s=40, zorder=5)
+            ax.scatter([100.0], [100 * s["acc_full"]], marker="s", s=50, zorder=5, color=color, edgecolor="black",
+                       label=f"{name}: INT8 full depth")
     ax.set_xlabel("mean FLOPs (% of INT8 full depth, overhead included)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title, fontsize=10)
@@ -199,7 +203,7 @@ def write_report(out_dir: str | Path, report: dict, qirc_curves: dict[str, list[
     """Write ``report.json``, the plots and ``report.md`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    label = f"{report.get('model')}, {report.get('weights')} weights, {report.get('data', '')}"
+    label = f"{report.get('model')}, {report.get('weights')} weights"
     plots: dict[str, str] = {}
     curves = qirc_curves or {report["scheme"]: report["nsr_per_layer"]}
     plots["qirc"] = plot_qirc(curves, out / "qirc_nsr.png", f"QIRC: NSR per layer ({label})").name

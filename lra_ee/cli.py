@@ -138,10 +138,7 @@ def _experiment_config(args):
 
 def _calibrate(args: argparse.Namespace) -> int:
     from .data import split_indices
-    from .exits import collect_tables
-    from .experiment import _attach_fp32, _images, fp32_predictions, quantize
-    from .method import fit_policy
-    from .qirc import diagnose
+    from .experiment import calibrate
     from .report import plot_qirc, write_json
 
     cfg = _experiment_config(args)
@@ -158,28 +155,18 @@ def _calibrate(args: argparse.Namespace) -> int:
     else:
         raise CLIError("calibrate needs --calib-data DIR or --data DIR (with --calib-fraction)")
     text = _classifier(args, clip, tokenizer, class_names, weights)
-    visual = clip.visual
-    n_q = min(cfg.n_quant_calib, len(calib) // 2)
-    qcal = _images(calib, range(n_q))
-    qvit = quantize(visual, cfg.scheme, qcal, args.backend)
-    qvit.set_classifier(text.to(qvit.device), 100.0, list(class_names))
-    qirc = diagnose(visual, qvit, qcal[: cfg.n_qirc], cfg.scheme)
-    rest = calib.subset(range(n_q, len(calib)), "calibration")
-    tables = collect_tables(qvit, rest, tuple(range(1, qvit.depth)), ("patch_mean",), batch_size=args.batch_size,
-                            desc="exit tables")
-    table = _attach_fp32(tables["patch_mean"], fp32_predictions(visual, rest, text, args.batch_size, desc="FP32 reference"))
     try:
-        policy, report = fit_policy(table, qirc.nsr_per_layer, scheme=cfg.scheme, arch=qvit.arch, num_classes=text.shape[0],
-                                    exit_layers=cfg.exit_layers, alpha=cfg.alpha, flops_budget=cfg.flops_budget)
+        qvit, report = calibrate(clip.visual, calib, text, scheme=cfg.scheme, exit_layers=cfg.exit_layers, alpha=cfg.alpha,
+                                 flops_budget=cfg.flops_budget, class_names=list(class_names),
+                                 n_quant_calib=cfg.n_quant_calib, batch_size=args.batch_size, backend=args.backend,
+                                 progress=True)
     except ValueError as err:
         raise CLIError(str(err)) from None
-    qvit.exit_policy = policy
     out = Path(args.out)
     qvit.save(out / "model")
-    rep = {"model": args.model, "weights": weights, "data": str(args.calib_data or args.data), **report.as_dict(),
-           "qirc": qirc.as_dict()}
+    rep = {"model": args.model, "weights": weights, "data": str(args.calib_data or args.data), **report.as_dict()}
     write_json(out / "calibration.json", rep)
-    plot_qirc({cfg.scheme: qirc.nsr_per_layer}, out / "qirc_nsr.png", f"QIRC ({args.model}, {weights})")
+    plot_qirc({cfg.scheme: report.qirc["nsr_per_layer"]}, out / "qirc_nsr.png", f"QIRC ({args.model}, {weights})")
     print(f"calibrated {args.model} [{weights}] with {cfg.scheme}: exits {report.exit_layers}, thresholds "
           f"{[round(t, 3) for t in report.thresholds]}; calibration top-1 full {100 * report.calib_acc_full:.2f}% -> "
           f"early exit {100 * report.calib_acc_ee:.2f}%, FLOPs saved {100 * report.calib_flops_saving:.1f}%")
@@ -188,9 +175,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .experiment import fp32_predictions, run_experiment, _attach_fp32
-    from .exits import collect_tables
-    from .method import evaluate
+    from .experiment import evaluate_model, run_experiment
     from .report import write_report
 
     if not args.data:
@@ -214,12 +199,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.pretrained:
             clip, _, _, weights = load_clip(args.model, args.pretrained, args.device, args.seed)
             visual = clip.visual
-        tables = collect_tables(qvit, data, qvit.exit_policy.exit_layers, (qvit.exit_policy.head,),
-                                batch_size=args.batch_size, desc="exit tables")
-        table = tables[qvit.exit_policy.head]
-        if visual is not None:
-            _attach_fp32(table, fp32_predictions(visual, data, qvit.classifier, args.batch_size, desc="FP32 reference"))
-        ev = evaluate(table, qvit.exit_policy, qvit.arch, qvit.classifier.shape[0], seed=args.seed)
+        ev = evaluate_model(qvit, data, visual, seed=args.seed, batch_size=args.batch_size, progress=True)
         report = {"model": args.model, "weights": weights, "data": args.data, "model_dir": args.model_dir,
                   "scheme": qvit.quant_config.act_quant, "n_calibration": None, **ev.as_dict(),
                   "nsr_per_layer": [], "inr_per_exit": [], "alpha": None, "tau0": None, "seeds": [args.seed]}

@@ -21,7 +21,7 @@ from lra_kernels import QuantEarlyExitViT
 from . import stats
 from .data import split_indices
 from .exits import HEADS, ExitTable, collect_tables, simulate, verify_with_executor
-from .method import ablations, evaluate, fit_policy, policy_scores
+from .method import CalibrationReport, EvalReport, ablations, evaluate, fit_policy, policy_scores
 from .qirc import diagnose
 
 SCHEMES = {
@@ -219,3 +219,66 @@ def run_experiment(
         "seconds": time.perf_counter() - t_start,
     }
     return ExperimentResult(report, qvit, tables, fp32, qcal_images)
+
+
+# ---------------------------------------------------------------------- one-call API
+def calibrate(
+    visual,
+    source,
+    text_features: torch.Tensor,
+    *,
+    scheme: str = "smoothquant",
+    exit_layers="auto",
+    alpha: float = 1.0,
+    tau0: float | None = None,
+    flops_budget: float | None = None,
+    class_names: list[str] | None = None,
+    logit_scale: float = 100.0,
+    n_quant_calib: int = 32,
+    n_qirc: int = 32,
+    batch_size: int = 32,
+    backend: str = "auto",
+    target: str | None = None,
+    progress: bool = False,
+) -> tuple[QuantEarlyExitViT, CalibrationReport]:
+    """Quantize an open_clip tower and calibrate its exits on ``source`` (calibration images only).
+
+    The first ``n_quant_calib`` images calibrate the quantizer (static scales, SmoothQuant) and the
+    QIRC diagnostics; on the rest, every candidate exit is evaluated, the gates are trained
+    (target: labels, or the FP32 full-depth prediction for unlabelled images), INR and thresholds
+    are computed and ``tau0`` chosen. Returns the model with its ``ExitPolicy`` and classifier set,
+    and the report (with the QIRC curve under ``report.qirc``).
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
+    n_q = min(n_quant_calib, len(source) // 2)
+    if n_q < 1 or len(source) - n_q < 2:
+        raise ValueError(f"{len(source)} calibration images are too few")
+    qcal = _images(source, range(n_q))
+    qvit = quantize(visual, scheme, qcal, backend)
+    qvit.set_classifier(text_features.to(qvit.device), logit_scale, class_names)
+    qirc = diagnose(visual, qvit, qcal[:n_qirc], scheme)
+    rest = source.subset(range(n_q, len(source)), "calibration")
+    desc = "exit tables" if progress else None
+    table = collect_tables(qvit, rest, tuple(range(1, qvit.depth)), ("patch_mean",), batch_size=batch_size, desc=desc)["patch_mean"]
+    _attach_fp32(table, fp32_predictions(visual, rest, text_features, batch_size, desc="FP32 reference" if progress else None))
+    policy, report = fit_policy(table, qirc.nsr_per_layer, scheme=scheme, arch=qvit.arch, num_classes=text_features.shape[0],
+                                exit_layers=exit_layers, alpha=alpha, tau0=tau0, flops_budget=flops_budget, target=target)
+    report.qirc = qirc.as_dict()
+    qvit.exit_policy = policy
+    return qvit, report
+
+
+def evaluate_model(qvit: QuantEarlyExitViT, source, fp32_visual=None, *, n_boot: int = 2000, seed: int = 0,
+                   batch_size: int = 32, progress: bool = False) -> EvalReport:
+    """Measure a calibrated model (classifier + exit policy set) on labelled ``source``; with
+    ``fp32_visual`` the FP32 tower's accuracy and the quadrants against it are reported too."""
+    if qvit.classifier is None or not qvit.exit_policy.enabled:
+        raise ValueError("the model needs a classifier and an enabled exit policy (see lra_ee.calibrate)")
+    head = qvit.exit_policy.head
+    table = collect_tables(qvit, source, qvit.exit_policy.exit_layers, (head,), batch_size=batch_size,
+                           desc="exit tables" if progress else None)[head]
+    if fp32_visual is not None:
+        _attach_fp32(table, fp32_predictions(fp32_visual, source, qvit.classifier, batch_size,
+                                             desc="FP32 reference" if progress else None))
+    return evaluate(table, qvit.exit_policy, qvit.arch, qvit.classifier.shape[0], n_boot=n_boot, seed=seed)

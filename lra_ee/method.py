@@ -60,6 +60,7 @@ class CalibrationReport:
     calib_flops_saving: float
     flops_budget: float | None
     tau0_search: list[dict] = field(default_factory=list)
+    qirc: dict | None = None  # the QIRC diagnostics the INR came from, when calibrated end to end
 
     def as_dict(self) -> dict:
         return asdict(self)

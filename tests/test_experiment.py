@@ -44,3 +44,22 @@ def test_experiment_on_builtin_task(task_and_tower, scheme):
         assert r["executor_check"]["exit_layer_agreement"] == 1.0
         assert r["executor_check"]["prediction_agreement"] == 1.0
     assert res.model.exit_policy.enabled and list(res.model.exit_policy.exit_layers) == r["exit_layers"]
+
+
+def test_calibrate_api_with_unlabelled_images_then_evaluate(task_and_tower, tmp_path):
+    from lra_ee import calibrate, evaluate_model
+    from lra_kernels import QuantEarlyExitViT
+
+    v, task = task_and_tower
+    calib = TensorSource(task.images[:120])  # no labels: the gates learn to agree with FP32
+    qvit, rep = calibrate(v, calib, task.text_features, scheme="smoothquant", exit_layers=(3, 5), n_quant_calib=16,
+                          class_names=task.class_names)
+    assert rep.target == "fp32" and rep.exit_layers == [3, 5] and rep.qirc["scheme"] == "smoothquant"
+    assert qvit.exit_policy.exit_layers == (3, 5) and qvit.class_names == task.class_names
+    ev_src = TensorSource(task.images[120:], task.labels[120:])
+    res = evaluate_model(qvit, ev_src, fp32_visual=v, n_boot=200)
+    assert res.n_eval == 120 and res.target == "labels" and res.acc_fp32 is not None
+    assert res.acc_ee - res.acc_full == pytest.approx(res.quadrants["rescued"] - res.quadrants["hurt"])
+    qvit.save(tmp_path / "m")
+    again = evaluate_model(QuantEarlyExitViT.load(tmp_path / "m"), ev_src, n_boot=200)
+    assert again.acc_ee == res.acc_ee and again.exit_histogram == res.exit_histogram

@@ -99,10 +99,6 @@ def _attach_fp32(table: ExitTable, fp32: dict[int, np.ndarray]) -> ExitTable:
     return table
 
 
-def _split_rows(n: int, calib_fraction: float, seed: int):
-    return split_indices(n, calib_fraction, seed)
-
-
 @dataclass
 class ExperimentResult:
     report: dict
@@ -155,7 +151,7 @@ def run_experiment(
     per_seed, first = [], None
     for seed in cfg.seeds:
         if eval_tables is None:
-            c_rows, e_rows = _split_rows(tables["patch_mean"].n, cfg.calib_fraction, seed)
+            c_rows, e_rows = split_indices(tables["patch_mean"].n, cfg.calib_fraction, seed)
             calib = {h: t.subset(c_rows) for h, t in tables.items()}
             evalt = {h: t.subset(e_rows) for h, t in tables.items()}
             assert not set(calib["patch_mean"].index) & set(evalt["patch_mean"].index)

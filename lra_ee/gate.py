@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FEATURES = ("confidence", "margin", "spatial_variance")
+from lra_kernels.kernels.gate_features import FEATURE_NAMES as FEATURES
 
 
 @dataclass(frozen=True)

@@ -212,7 +212,6 @@ class ActivationStats:
 
     amax: torch.Tensor | None = None  # per channel [K]
     rows: list[torch.Tensor] = field(default_factory=list)
-    n_rows: int = 0
 
     def update(self, h: torch.Tensor, keep_rows: int, gen: torch.Generator) -> None:
         a = h.abs().amax(dim=0)
@@ -221,7 +220,6 @@ class ActivationStats:
             take = min(h.shape[0], keep_rows)
             idx = torch.randperm(h.shape[0], generator=gen)[:take]
             self.rows.append(h[idx].clone())
-            self.n_rows += take
 
 
 def collect_stats(

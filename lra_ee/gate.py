@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lra_kernels.kernels.gate_features import FEATURE_NAMES as FEATURES
+from lra_kernels.kernels.gate_features import FEATURE_NAMES as FEATURES  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

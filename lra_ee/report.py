@@ -38,6 +38,18 @@ def _plt():
     return plt
 
 
+def _finish(fig, ax, path: Path, title: str, *, grid: bool = True, legend: bool = True) -> Path:
+    ax.set_title(title, fontsize=10)
+    if grid:
+        ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def plot_qirc(curves: dict[str, list[float]], path: Path, title: str) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -45,13 +57,7 @@ def plot_qirc(curves: dict[str, list[float]], path: Path, title: str) -> Path:
         ax.plot(range(len(nsr)), [100 * v for v in nsr], marker="o", ms=3, label=name)
     ax.set_xlabel("blocks run (0 = embedding)")
     ax.set_ylabel("NSR vs FP32 (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title)
 
 
 def plot_exit_histogram(hist: dict, path: Path, title: str) -> Path:
@@ -62,11 +68,7 @@ def plot_exit_histogram(hist: dict, path: Path, title: str) -> Path:
            color="#4c72b0")
     ax.set_xlabel("exit layer (blocks run; last = full depth)")
     ax.set_ylabel("samples (%)")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, grid=False, legend=False)
 
 
 def plot_quadrants(quadrants: dict[str, dict], path: Path, title: str) -> Path:
@@ -110,13 +112,7 @@ def plot_pareto(sweeps: dict[str, dict], path: Path, title: str) -> Path:
                        label=f"{name}: INT8 full depth")
     ax.set_xlabel("mean FLOPs (% of INT8 full depth, overhead included)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title)
 
 
 def _fmt(v, pct=True, digits=2):

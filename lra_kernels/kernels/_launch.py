@@ -18,8 +18,10 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def check_tensor(op: str, name: str, t, *, dtypes=None, ndim: int | None = None, shape_hint: str = "") -> torch.Tensor:
-    """Type, dtype and rank of one launcher argument; raises TypeError / ValueError naming what was expected."""
+def check_tensor(op: str, name: str, t, *, dtypes=None, ndim: int | None = None, shape_hint: str = "",
+                 sizes: dict[int, int] | None = None) -> torch.Tensor:
+    """Type, dtype, rank and (``sizes``: {dim: size}) sizes of one launcher argument; raises
+    TypeError / ValueError naming what was expected."""
     expected = f"{name}{shape_hint}" if shape_hint else name
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: expected {expected} as a torch.Tensor, got {type(t).__name__}")
@@ -28,6 +30,8 @@ def check_tensor(op: str, name: str, t, *, dtypes=None, ndim: int | None = None,
         raise TypeError(f"{op}: expected {expected} of dtype {names}, got {t.dtype}")
     if ndim is not None and t.ndim != ndim:
         raise ValueError(f"{op}: expected {expected} ({ndim}-D), got shape {tuple(t.shape)}")
+    if sizes and any(t.shape[d] != n for d, n in sizes.items()):
+        raise ValueError(f"{op}: expected {name} of shape {shape_hint}, got {list(t.shape)}")
     return t
 
 

@@ -198,17 +198,11 @@ def exit_head(
     B, T, D = h.shape
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if t is not None:
-            check_tensor(op, name, t, dtypes=(torch.float32,), ndim=1, shape_hint=f"[D={D}]")
-            if t.shape[0] != D:
-                raise ValueError(f"exit_head: expected {name} of shape [D={D}], got {list(t.shape)}")
+            check_tensor(op, name, t, dtypes=(torch.float32,), ndim=1, shape_hint=f"[D={D}]", sizes={0: D})
     if proj is not None:
-        check_tensor(op, "proj", proj, dtypes=(torch.float32,), ndim=2, shape_hint=f"[D={D}, E]")
-        if proj.shape[0] != D:
-            raise ValueError(f"exit_head: expected proj of shape [D={D}, E], got {list(proj.shape)}")
+        check_tensor(op, "proj", proj, dtypes=(torch.float32,), ndim=2, shape_hint=f"[D={D}, E]", sizes={0: D})
     E = proj.shape[1] if proj is not None else D
-    check_tensor(op, "text", text, dtypes=(torch.float32,), ndim=2, shape_hint=f"[C, E={E}]")
-    if text.shape[1] != E:
-        raise ValueError(f"exit_head: expected text of shape [C, E={E}], got {list(text.shape)}")
+    check_tensor(op, "text", text, dtypes=(torch.float32,), ndim=2, shape_hint=f"[C, E={E}]", sizes={1: E})
     C = text.shape[0]
     if pool == "patch_mean" and T < 2:
         raise ValueError(f"exit_head: pool='patch_mean' needs patch tokens (h of shape [B, T >= 2, D]), got T={T}")

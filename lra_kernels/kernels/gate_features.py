@@ -150,8 +150,7 @@ def gate_features(logits: torch.Tensor, h: torch.Tensor, *, out: torch.Tensor | 
     check_tensor(op, "logits", logits, dtypes=FLOAT_DTYPES, ndim=2, shape_hint="[B, C]")
     check_tensor(op, "h", h, dtypes=FLOAT_DTYPES, ndim=3, shape_hint="[B, T, D]")
     B, C = logits.shape
-    if h.shape[0] != B:
-        raise ValueError(f"gate_features: expected h of shape [B={B}, T, D] (logits are [{B}, {C}]), got {list(h.shape)}")
+    check_tensor(op, "h", h, shape_hint=f"[B={B}, T, D] (logits are [{B}, {C}])", sizes={0: B})
     _, T, D = h.shape
     if C < 1:
         raise ValueError(f"gate_features: expected logits [B, C] with C >= 1, got {list(logits.shape)}")

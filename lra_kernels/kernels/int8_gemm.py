@@ -267,23 +267,15 @@ def int8_gemm(
     check_tensor(op, "q", q, dtypes=(torch.int8,), ndim=2, shape_hint="[M, K]")
     check_tensor(op, "wq_t", wq_t, dtypes=(torch.int8,), ndim=2, shape_hint="[K, N]")
     M, K = q.shape
-    if wq_t.shape[0] != K:
-        raise ValueError(f"int8_gemm: expected wq_t of shape [K={K}, N] (q is [{M}, {K}]), got {list(wq_t.shape)}")
+    check_tensor(op, "wq_t", wq_t, shape_hint=f"[K={K}, N] (q is [{M}, {K}])", sizes={0: K})
     N = wq_t.shape[1]
-    check_tensor(op, "x_scale", x_scale, dtypes=(torch.float32,), ndim=1, shape_hint=f"[M={M}]")
-    if x_scale.shape[0] != M:
-        raise ValueError(f"int8_gemm: expected x_scale of shape [M={M}], got {list(x_scale.shape)}")
-    check_tensor(op, "w_scale", w_scale, dtypes=(torch.float32,), ndim=1, shape_hint=f"[N={N}]")
-    if w_scale.shape[0] != N:
-        raise ValueError(f"int8_gemm: expected w_scale of shape [N={N}], got {list(w_scale.shape)}")
+    check_tensor(op, "x_scale", x_scale, dtypes=(torch.float32,), ndim=1, shape_hint=f"[M={M}]", sizes={0: M})
+    check_tensor(op, "w_scale", w_scale, dtypes=(torch.float32,), ndim=1, shape_hint=f"[N={N}]", sizes={0: N})
     if bias is not None:
-        check_tensor(op, "bias", bias, dtypes=(torch.float32,), ndim=1, shape_hint=f"[N={N}]")
-        if bias.shape[0] != N:
-            raise ValueError(f"int8_gemm: expected bias of shape [N={N}], got {list(bias.shape)}")
+        check_tensor(op, "bias", bias, dtypes=(torch.float32,), ndim=1, shape_hint=f"[N={N}]", sizes={0: N})
     if residual is not None:
-        check_tensor(op, "residual", residual, dtypes=FLOAT_DTYPES, ndim=2, shape_hint=f"[M={M}, N={N}]")
-        if tuple(residual.shape) != (M, N):
-            raise ValueError(f"int8_gemm: expected residual of shape [M={M}, N={N}], got {list(residual.shape)}")
+        check_tensor(op, "residual", residual, dtypes=FLOAT_DTYPES, ndim=2, shape_hint=f"[M={M}, N={N}]",
+                     sizes={0: M, 1: N})
     if activation not in ACTIVATIONS:
         raise ValueError(f"int8_gemm: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if out_dtype not in OUT_DTYPES:

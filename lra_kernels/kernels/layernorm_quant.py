@@ -175,9 +175,7 @@ def _launch(
     vectors = {"weight": weight, "bias": bias, "smooth_inv": smooth_inv}
     for name, t in vectors.items():
         if t is not None:
-            check_tensor(op, name, t, dtypes=(torch.float32,), ndim=1, shape_hint=f"[{K}]")
-            if t.shape[0] != K:
-                raise ValueError(f"{op}: expected {name} of shape [{K}] (x's last dim), got {list(t.shape)}")
+            check_tensor(op, name, t, dtypes=(torch.float32,), ndim=1, shape_hint=f"[{K}]", sizes={0: K})
     if static_scale is not None:
         check_tensor(op, "x_scale", static_scale, dtypes=(torch.float32,), shape_hint="[] (one calibrated scale)")
         if static_scale.numel() != 1:

@@ -1,8 +1,8 @@
 """Realised speed-up of the early-exit executor against the full-depth INT8 model.
 
 A policy with known exit fractions (the paper's distribution on ViT-B/32 at layers 8/10/11:
-10.1% / 25.3% / 32.1% leave, 32.5% run the full depth) is built on the benchmark batch by
-choosing each threshold as a quantile of the gate scores. The FLOPs model predicts the
+10.1% / 25.3% / 32.1% leave, 32.5% run the full depth) is built on the benchmark batch
+(``lra_ee.synthetic.policy_with_exit_fractions``). The FLOPs model predicts the
 speed-up; the benchmark measures it. Target: realised >= 0.8 x predicted, i.e. compaction and
 exit-head overhead cost less than a fifth of the savings.
 
@@ -18,29 +18,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lra_kernels import ExitPolicy, QuantEarlyExitViT
+from lra_ee.synthetic import policy_with_exit_fractions
+from lra_kernels import QuantEarlyExitViT
 
 PAPER_EXITS = (8, 10, 11)
 PAPER_FRACTIONS = (0.101, 0.253, 0.321)  # of the whole batch; 0.325 run the full depth
 NUM_CLASSES = 1000
-
-
-def _policy_with_fractions(qvit, images, exits, fractions) -> ExitPolicy:
-    res = qvit.all_exits(images, exits)
-    mean, std = res.features.mean(1), res.features.std(1).clamp_min(1e-6)
-    weight = torch.tensor([[4.0, 1.0, 0.0]] * len(exits))
-    p = ExitPolicy(exits, weight, torch.zeros(len(exits)), mean, std, torch.ones(len(exits)))
-    B = images.shape[0]
-    remaining = torch.ones(B, dtype=torch.bool)
-    taus = []
-    for j, frac in enumerate(fractions):
-        scores = p.gate_scores(j, res.features[j])
-        k = round(frac * B)  # leave exactly k of the rows still running
-        cand = scores[remaining].sort(descending=True).values
-        tau = float(cand[k - 1]) if k > 0 else float("inf")
-        taus.append(min(tau, 2.0))
-        remaining &= ~(scores >= tau)
-    return p.with_thresholds(taus)
 
 
 def _median_time(fn, rounds: int) -> float:
@@ -63,7 +46,7 @@ def setup():
     gen = torch.Generator().manual_seed(0)
     qvit.set_classifier(F.normalize(torch.randn(NUM_CLASSES, qvit.output_dim, generator=gen), dim=-1).to(device))
     images = torch.randn(batch, 3, 224, 224, generator=gen).to(device)
-    policy = _policy_with_fractions(qvit, images, PAPER_EXITS, PAPER_FRACTIONS)
+    policy = policy_with_exit_fractions(qvit, images, PAPER_EXITS, PAPER_FRACTIONS)
     return qvit, images, policy, device
 
 

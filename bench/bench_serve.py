@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from lra_ee.synthetic import policy_with_exit_fractions
+
 MODEL = "ViT-B-32"
 NUM_CLASSES = 1000
 N_IMAGES = 64
@@ -128,29 +130,6 @@ def _http(method: str, url_host: str, port: int, path: str, body: bytes | None =
         conn.close()
 
 
-def _policy_with_fractions(qvit, images, exits, fractions):
-    """Gate thresholds so that ``fractions[j]`` of all ``images`` leave at exit j (quantiles of the
-    gate scores of the rows still running; thresholds between neighbouring scores)."""
-    import torch
-
-    from lra_kernels import ExitPolicy
-
-    res = qvit.all_exits(images, exits)
-    mean, std = res.features.mean(1), res.features.std(1).clamp_min(1e-6)
-    L = len(exits)
-    p = ExitPolicy(exits, torch.tensor([[4.0, 1.0, 0.0]] * L), torch.zeros(L), mean, std, torch.ones(L))
-    remaining = torch.ones(images.shape[0], dtype=torch.bool)
-    taus = []
-    for j, frac in enumerate(fractions):
-        scores = p.gate_scores(j, res.features[j])
-        cand = scores[remaining].sort(descending=True).values
-        k = round(frac * images.shape[0])
-        tau = float(cand[k - 1] + cand[k]) / 2 if 0 < k < len(cand) else 2.0
-        taus.append(tau)
-        remaining &= scores < tau
-    return p.with_thresholds(taus)
-
-
 @pytest.fixture(scope="module")
 def cluster(request):
     ray = pytest.importorskip("ray")
@@ -214,7 +193,7 @@ def models(workload, tmp_path_factory):
     qvit.set_classifier(text)
     root = tmp_path_factory.mktemp("serve-models")
     full_dir = qvit.save(root / "full")
-    policy = _policy_with_fractions(qvit, workload["images"], PAPER_EXITS, PAPER_FRACTIONS)
+    policy = policy_with_exit_fractions(qvit, workload["images"], PAPER_EXITS, PAPER_FRACTIONS)
     qvit.exit_policy = policy
     ee_dir = qvit.save(root / "early-exit")
     qvit.exit_policy = None

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from lra_kernels import ExitPolicy
+
 
 def random_tower(model_name: str = "ViT-B-32", seed: int = 0) -> nn.Module:
     """An open_clip vision tower of ``model_name`` with seeded random weights (eval mode)."""
@@ -139,3 +141,29 @@ def builtin_task(visual: nn.Module, n_classes: int = 20, n_images: int = 1000, s
     desc = (f"synthetic: {n_classes} prototype classes, {n_images} blended samples (blend {blend[0]}..{blend[1]}), "
             f"class embeddings = FP32 tower embeddings of the prototypes; seed {seed}")
     return SyntheticTask(images, labels, text, [f"prototype {i}" for i in range(n_classes)], desc)
+
+
+@torch.no_grad()
+def policy_with_exit_fractions(qvit, images: torch.Tensor, exit_layers: tuple[int, ...], fractions) -> ExitPolicy:
+    """An ``ExitPolicy`` under which ``fractions[j]`` of ``images`` leave at ``exit_layers[j]`` (benchmarks:
+    known exit distributions on random weights). The gate scores confidence and margin; each
+    threshold sits midway between two neighbouring scores of the rows still running."""
+    res = qvit.all_exits(images, exit_layers)
+    mean, std = res.features.mean(1), res.features.std(1).clamp_min(1e-6)
+    L = len(exit_layers)
+    p = ExitPolicy(tuple(exit_layers), torch.tensor([[4.0, 1.0, 0.0]] * L), torch.zeros(L), mean, std, torch.ones(L))
+    remaining = torch.ones(images.shape[0], dtype=torch.bool, device=res.features.device)
+    taus = []
+    for j, frac in enumerate(fractions):
+        scores = p.gate_scores(j, res.features[j])
+        cand = scores[remaining].sort(descending=True).values
+        k = round(frac * images.shape[0])
+        if k <= 0:
+            tau = 2.0  # nobody leaves
+        elif k >= len(cand):
+            tau = 0.0  # everybody still running leaves
+        else:
+            tau = float(cand[k - 1] + cand[k]) / 2
+        taus.append(tau)
+        remaining &= scores < tau
+    return p.with_thresholds(taus)

@@ -30,7 +30,7 @@ MODES = ("per_token", "per_tensor_static", "paper", "float")
 class QuantLinear(nn.Module):
     """``y = act(x @ W^T + b) (+ residual)`` with INT8 weights and activations.
 
-    Buffers: ``qweight_t[K, N]`` int8, ``w_scale[N]`` fp32, ``bias[N]`` fp32 (optional),
+    Buffers: ``qweight[N, K]`` int8 (``nn.Linear``'s layout, K-major), ``w_scale[N]`` fp32, ``bias[N]`` fp32 (optional),
     ``x_scale[]`` fp32 (``per_tensor_static``), ``smooth_inv[K]`` fp32 (SmoothQuant factors that
     cannot be folded into a preceding LayerNorm; the input is multiplied by them while quantizing). Mode ``float`` keeps
     ``weight[N, K]`` in float instead.
@@ -52,7 +52,7 @@ class QuantLinear(nn.Module):
         if mode == "float":
             self.register_buffer("weight", torch.zeros(N, K))
         else:
-            self.register_buffer("qweight_t", torch.zeros(K, N, dtype=torch.int8))
+            self.register_buffer("qweight", torch.zeros(N, K, dtype=torch.int8))
             self.register_buffer("w_scale", torch.zeros(N))
         self.register_buffer("bias", torch.zeros(N) if bias else None)
         self.register_buffer("x_scale", torch.ones(()) if mode == "per_tensor_static" else None)
@@ -76,7 +76,7 @@ class QuantLinear(nn.Module):
             else:
                 quantize = quantize_weight_paper if mode == "paper" else quantize_weight_per_channel
                 wq, w_scale = quantize(w)
-                layer.qweight_t.copy_(wq.t())
+                layer.qweight.copy_(wq)
                 layer.w_scale.copy_(w_scale)
             if bias is not None:
                 layer.bias.copy_(bias.detach().float())
@@ -105,7 +105,7 @@ class QuantLinear(nn.Module):
         residual: torch.Tensor | None = None,
         out_dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        return ops.int8_gemm(q, self.qweight_t, x_scale, self.w_scale, self.bias, activation, residual, out_dtype)
+        return ops.int8_gemm(q, self.qweight, x_scale, self.w_scale, self.bias, activation, residual, out_dtype)
 
     def forward(
         self,

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from .config import QuantConfig, VisionArch
 
 FORMAT = "lra-kernels/quant-vit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: INT8 weights as ``qweight[N, K]`` (version 1 stored ``qweight_t[K, N]``)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -60,6 +60,17 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def _upgrade_v1(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Format 1 stored each INT8 weight transposed (``qweight_t[K, N]``); format 2 keeps ``nn.Linear``'s ``[N, K]``."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(".qweight_t"):
+            out[name[: -len("_t")]] = t.t().contiguous()
+        else:
+            out[name] = t
+    return out
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", backend: str | None = None):
     from .model import QuantEarlyExitViT
 
@@ -69,6 +80,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", backend: st
     quant = QuantConfig.from_dict(cfg["quant"])
     model = QuantEarlyExitViT(arch, quant, backend=backend or cfg.get("backend", "auto"))
     tensors = load_file(str(path / WEIGHTS_FILE))
+    if int(cfg.get("format_version", 1)) < 2:
+        tensors = _upgrade_v1(tensors)
     own = set(model.state_dict())
     state = {k: v for k, v in tensors.items() if k in own}
     missing = own - set(state)

@@ -33,11 +33,11 @@ def test_int_mm_extreme_values_do_not_overflow():
 def test_epilogue_matches_float_math(activation, M):
     K, N = 72, 40
     q = torch.randint(-127, 128, (M, K), dtype=torch.int8)
-    wq_t = torch.randint(-127, 128, (K, N), dtype=torch.int8)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
     x_scale, w_scale, bias = torch.rand(M) * 0.1, torch.rand(N) * 0.01, torch.randn(N)
     residual = torch.randn(M, N)
-    y = int8_gemm_ref(q, wq_t, x_scale, w_scale, bias, activation, residual)
-    expected = (q.double() @ wq_t.double()) * x_scale.double()[:, None] * w_scale.double()[None, :] + bias.double()
+    y = int8_gemm_ref(q, w, x_scale, w_scale, bias, activation, residual)
+    expected = (q.double() @ w.double().t()) * x_scale.double()[:, None] * w_scale.double()[None, :] + bias.double()
     expected = apply_activation(expected, activation) + residual.double()
     torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
 
@@ -45,8 +45,8 @@ def test_epilogue_matches_float_math(activation, M):
 @pytest.mark.parametrize("out_dtype", (torch.float32, torch.float16, torch.bfloat16))
 def test_out_dtype(out_dtype):
     q = torch.randint(-127, 128, (13, 24), dtype=torch.int8)
-    wq_t = torch.randint(-127, 128, (24, 8), dtype=torch.int8)
-    y = int8_gemm_ref(q, wq_t, torch.rand(13), torch.rand(8) * 0.01, out_dtype=out_dtype)
+    w = torch.randint(-127, 128, (8, 24), dtype=torch.int8)
+    y = int8_gemm_ref(q, w, torch.rand(13), torch.rand(8) * 0.01, out_dtype=out_dtype)
     assert y.dtype == out_dtype
 
 

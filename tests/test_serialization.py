@@ -75,3 +75,24 @@ def test_truncated_weights_are_reported(tmp_path):
     save_file(tensors, str(path / "model.safetensors"))
     with pytest.raises(ValueError, match="lacks tensors.*c_fc.w_scale"):
         QuantEarlyExitViT.load(path)
+
+
+def test_format_1_directories_still_load(tmp_path):
+    """Format 1 stored INT8 weights transposed (``qweight_t[K, N]``); loading upgrades them."""
+    from safetensors.torch import load_file, save_file
+
+    v = make_tower()
+    q = QuantEarlyExitViT.from_open_clip(v, compile_blocks=False)
+    x = images_for(v, 3)
+    path = q.save(tmp_path / "m")
+    tensors = load_file(str(path / "model.safetensors"))
+    old = {(k + "_t" if k.endswith(".qweight") else k): (t.t().contiguous() if k.endswith(".qweight") else t)
+           for k, t in tensors.items()}
+    assert any(k.endswith(".qweight_t") for k in old)
+    save_file(old, str(path / "model.safetensors"), metadata={"format": "lra-kernels/quant-vit", "format_version": "1"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["format_version"] = 1
+    (path / "config.json").write_text(json.dumps(cfg))
+    r = QuantEarlyExitViT.load(path)
+    r.compile_blocks = False
+    assert torch.equal(r(x), q(x))

@@ -37,9 +37,9 @@ def _recording(ops, attn_dtype=None):
     """A copy of ``ops`` whose ``int8_gemm`` records the codes and scales it is handed."""
     seen = []
 
-    def int8_gemm(q, wq_t, x_scale, *args, **kwargs):
+    def int8_gemm(q, w, x_scale, *args, **kwargs):
         seen.append((q.clone(), x_scale.clone()))
-        return ops.int8_gemm(q, wq_t, x_scale, *args, **kwargs)
+        return ops.int8_gemm(q, w, x_scale, *args, **kwargs)
 
     return SimpleNamespace(**{**vars(ops), "int8_gemm": int8_gemm, "attn_dtype": attn_dtype or ops.attn_dtype}), seen
 

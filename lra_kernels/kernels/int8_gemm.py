@@ -1,12 +1,12 @@
 """INT8 GEMM with a fused dequantization epilogue.
 
-    acc[m, n] = sum_k q[m, k] * wq_t[k, n]                         (int32, exact)
+    acc[m, n] = sum_k q[m, k] * w[n, k]                            (int32, exact)
     y[m, n]   = acc[m, n] * x_scale[m] * w_scale[n] + bias[n]      (fp32, left to right)
     y         = act(y)            act in {none, gelu (erf), gelu_tanh, quick_gelu}
     y         = y + residual[m, n]
     out       = y.to(out_dtype)   out_dtype in {fp32, fp16, bf16}
 
-Shapes and dtypes: ``q[M, K]`` int8, ``wq_t[K, N]`` int8 (the transposed weight, GEMM-ready),
+Shapes and dtypes: ``q[M, K]`` int8, ``w[N, K]`` int8 (``nn.Linear``'s layout: K-major rows),
 ``x_scale[M]`` fp32 (per token, or a per-tensor scale broadcast), ``w_scale[N]`` fp32,
 ``bias[N]`` fp32, ``residual[M, N]`` float.
 
@@ -74,7 +74,7 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def int8_gemm_ref(
     q: torch.Tensor,
-    wq_t: torch.Tensor,
+    w: torch.Tensor,
     x_scale: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -83,7 +83,7 @@ def int8_gemm_ref(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Pure-torch reference of the fused INT8 GEMM (see the module docstring)."""
-    acc = int_mm(q, wq_t)
+    acc = int_mm(q, w.t())
     y = acc.float() * x_scale.float()[:, None] * w_scale.float()[None, :]
     if bias is not None:
         y = y + bias.float()
@@ -245,7 +245,7 @@ def _int8_gemm_kernel(
 
 def int8_gemm(
     q: torch.Tensor,
-    wq_t: torch.Tensor,
+    w: torch.Tensor,
     x_scale: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -265,10 +265,11 @@ def int8_gemm(
     """
     op = "int8_gemm"
     check_tensor(op, "q", q, dtypes=(torch.int8,), ndim=2, shape_hint="[M, K]")
-    check_tensor(op, "wq_t", wq_t, dtypes=(torch.int8,), ndim=2, shape_hint="[K, N]")
+    check_tensor(op, "w", w, dtypes=(torch.int8,), ndim=2, shape_hint="[N, K]")
     M, K = q.shape
-    check_tensor(op, "wq_t", wq_t, shape_hint=f"[K={K}, N] (q is [{M}, {K}])", sizes={0: K})
-    N = wq_t.shape[1]
+    check_tensor(op, "w", w, shape_hint=f"[N, K={K}] (q is [{M}, {K}])", sizes={1: K})
+    N = w.shape[0]
+    wq_t = w.t()  # [K, N] view: the kernel indexes it through strides
     check_tensor(op, "x_scale", x_scale, dtypes=(torch.float32,), ndim=1, shape_hint=f"[M={M}]", sizes={0: M})
     check_tensor(op, "w_scale", w_scale, dtypes=(torch.float32,), ndim=1, shape_hint=f"[N={N}]", sizes={0: N})
     if bias is not None:
@@ -281,7 +282,7 @@ def int8_gemm(
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"int8_gemm: out_dtype must be one of float32/float16/bfloat16, got {out_dtype}")
     device = check_device(
-        op, {"q": q, "wq_t": wq_t, "x_scale": x_scale, "w_scale": w_scale, "bias": bias, "residual": residual}
+        op, {"q": q, "w": w, "x_scale": x_scale, "w_scale": w_scale, "bias": bias, "residual": residual}
     )
     check_out(op, out, (M, N), out_dtype, device)
     if out is not None and residual is not None and out.data_ptr() == residual.data_ptr():

@@ -2,9 +2,9 @@
 
 A backend is a small namespace of operations with the contracts of the kernel references:
 ``layernorm_quant``, ``quantize_per_token``, ``quantize_per_tensor``, ``int8_gemm``,
-``attention``, ``exit_head``, ``gate_features``, ``attn_dtype`` (the dtype the qkv GEMM
-writes and the attention core runs in) and ``hidden_dtype`` (the dtype the c_fc GEMM writes
-before it is re-quantized for c_proj). Modules receive the namespace and call it; they never branch on the backend.
+``attention``, ``exit_head``, ``gate_features``. The float activations run in the model's
+``act_dtype`` (``lra_kernels.hardware``), whatever the backend. Modules receive the namespace and
+call it; they never branch on the backend.
 
 - ``"torch"``: the ``*_ref`` functions (``torch._int_mm`` for the INT8 GEMMs). On CPU the
   transformer blocks are compiled with TorchInductor (see ``compile_blocks``) so that the
@@ -32,7 +32,7 @@ BACKENDS = ("auto", "torch", "triton")
 def attention_ref(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
     """Multi-head self-attention core: ``qkv[B, T, 3D]`` -> ``[B, T, D]`` via SDPA.
 
-    Runs in ``qkv``'s dtype (fp32 on CPU; the Triton backend hands in fp16/bf16 on GPU).
+    Runs in ``qkv``'s dtype (the model's activation dtype).
     """
     B, T, three_d = qkv.shape
     D = three_d // 3
@@ -79,8 +79,6 @@ def _torch_ops() -> SimpleNamespace:
 
     return SimpleNamespace(
         name="torch",
-        attn_dtype=torch.float32,  # dtype of the qkv GEMM output and the attention core
-        hidden_dtype=torch.float32,  # dtype of the MLP hidden (c_fc output), re-quantized for c_proj
         layernorm_quant=layernorm_quant_ref,
         quantize_per_token=quantize_per_token_ref,
         quantize_per_tensor=quantize_per_tensor_ref,

@@ -182,11 +182,14 @@ class QuantBlock(nn.Module):
         return linear(h, ops, activation, out_dtype=out_dtype)
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        """``x[B, T, D]`` in the activation dtype (fp32/bf16/fp16); every GEMM output, the attention
+        core and the returned residual stream stay in that dtype."""
         B, T, D = x.shape
+        act = x.dtype
         x2 = x.reshape(B * T, D)
-        qkv = self._norm_linear(x2, self.ln_1, self.attn.in_proj, ops, out_dtype=ops.attn_dtype)
+        qkv = self._norm_linear(x2, self.ln_1, self.attn.in_proj, ops, out_dtype=act)
         a = ops.attention(qkv.view(B, T, 3 * D), self.attn.n_head).reshape(B * T, D)
-        x2 = self.attn.out_proj(a, ops, residual=x2, out_dtype=x2.dtype)
-        h = self._norm_linear(x2, self.ln_2, self.mlp.c_fc, ops, self.mlp.activation, out_dtype=ops.hidden_dtype)
-        x2 = self.mlp.c_proj(h, ops, residual=x2)
+        x2 = self.attn.out_proj(a, ops, residual=x2, out_dtype=act)
+        h = self._norm_linear(x2, self.ln_2, self.mlp.c_fc, ops, self.mlp.activation, out_dtype=act)
+        x2 = self.mlp.c_proj(h, ops, residual=x2, out_dtype=act)
         return x2.view(B, T, D)

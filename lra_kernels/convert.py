@@ -332,6 +332,7 @@ def convert_open_clip(
     calibration_images: torch.Tensor | None = None,
     backend: str = "auto",
     compile_blocks: bool | None = None,
+    act_dtype=None,
 ) -> QuantEarlyExitViT:
     arch = arch_from_visual(visual)
     if config.needs_calibration and calibration_images is None:
@@ -343,7 +344,7 @@ def convert_open_clip(
         keep = config.static_percentile is not None
         stats = collect_stats(visual, blocks, calibration_images, keep_rows=keep)
 
-    model = QuantEarlyExitViT(arch, config, backend=backend, compile_blocks=compile_blocks)
+    model = QuantEarlyExitViT(arch, config, backend=backend, compile_blocks=compile_blocks, act_dtype=act_dtype)
     with torch.no_grad():
         conv_w = visual.conv1.weight.detach().float().cpu()
         if config.int8_patch_embed:

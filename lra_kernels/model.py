@@ -16,6 +16,7 @@ from .block import QuantBlock, QuantLinear
 from .config import QuantConfig, VisionArch
 from .executor import AllExitsResult, ClassifyResult, run_all_exits, run_early_exit
 from .flops import FlopsModel, flops_model
+from .hardware import act_dtype_name, parse_act_dtype, resolve_act_dtype
 from .policy import ExitPolicy
 
 
@@ -63,8 +64,8 @@ def _call_block(block: QuantBlock, x: torch.Tensor, ops) -> torch.Tensor:
     return block(x, ops)
 
 
-def _call_embed(model: "QuantEarlyExitViT", images: torch.Tensor, ops) -> torch.Tensor:
-    return model.embed_eager(images, ops)
+def _call_embed(model: "QuantEarlyExitViT", images: torch.Tensor, ops, act_dtype: torch.dtype) -> torch.Tensor:
+    return model.embed_eager(images, ops, act_dtype)
 
 
 # Graphs per compiled function: (static + dynamic batch + batch of 1) per block structure, and
@@ -99,7 +100,9 @@ class QuantEarlyExitViT(nn.Module):
     patch tokens when the tower was built with ``output_tokens``).
 
     The float tensors (embeddings, LayerNorms, ``proj``, scales) stay fp32 whatever ``.to()`` is
-    asked; activations run in fp32 on the torch backend.
+    asked. The float activations (residual stream, attention core, GEMM outputs) run in
+    ``act_dtype`` (fp32, bf16 or fp16; ``None`` = the best for the device, see
+    ``lra_kernels.hardware``); the heads and the gate features are computed in fp32.
     """
 
     def __init__(
@@ -108,11 +111,13 @@ class QuantEarlyExitViT(nn.Module):
         quant_config: QuantConfig | None = None,
         backend: str = "auto",
         compile_blocks: bool | None = None,
+        act_dtype: torch.dtype | str | None = None,
     ):
         super().__init__()
         quant_config = quant_config or QuantConfig()
         self.arch, self.quant_config = arch, quant_config
         self.backend = validate_backend(backend)
+        self._act_dtype_request = parse_act_dtype(act_dtype)
         self.compile_blocks = compile_blocks
         self._compile_failed = False
         # CPU torch path: large batches run in chunks of about this many tokens (ViT-B/32: 32
@@ -173,12 +178,15 @@ class QuantEarlyExitViT(nn.Module):
         static_percentile: float | None = None,
         int8_patch_embed: bool | None = None,
         compile_blocks: bool | None = None,
+        act_dtype: torch.dtype | str | None = None,
     ) -> "QuantEarlyExitViT":
         """Quantize an open_clip ``VisionTransformer`` (``clip.visual``).
 
         ``calibration_images`` (a normalised float batch ``[N, 3, H, W]``) is required for
-        ``act_quant="per_tensor_static"`` and for ``smooth_alpha``. The FP32 tower is not
-        modified.
+        ``act_quant="per_tensor_static"`` and for ``smooth_alpha``. ``act_dtype``: the dtype of the
+        float activations, ``torch.float32`` / ``torch.bfloat16`` / ``torch.float16``, or ``None``
+        for the best default of the device the model runs on (saved with the model). The FP32
+        tower is not modified.
         """
         from .convert import convert_open_clip
 
@@ -188,7 +196,8 @@ class QuantEarlyExitViT(nn.Module):
             static_percentile=static_percentile,
             int8_patch_embed=int8_patch_embed,
         )
-        return convert_open_clip(visual, config, calibration_images, backend=backend, compile_blocks=compile_blocks)
+        return convert_open_clip(visual, config, calibration_images, backend=backend, compile_blocks=compile_blocks,
+                                 act_dtype=act_dtype)
 
     def _apply(self, fn, recurse=True):
         # Float storage stays fp32 whatever dtype a conversion asks for (scales and LayerNorms lose
@@ -222,6 +231,20 @@ class QuantEarlyExitViT(nn.Module):
     def ops(self):
         return get_ops(self.resolved_backend)
 
+    @property
+    def act_dtype(self) -> torch.dtype:
+        """The dtype the float activations run in on the model's current device."""
+        return resolve_act_dtype(self._act_dtype_request, self.device, self.resolved_backend)
+
+    @act_dtype.setter
+    def act_dtype(self, value: torch.dtype | str | None) -> None:
+        self._act_dtype_request = parse_act_dtype(value)
+
+    @property
+    def act_dtype_request(self) -> str:
+        """What was asked for (``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"``), as saved."""
+        return act_dtype_name(self._act_dtype_request)
+
     # ------------------------------------------------------------------ input checks
     def check_images(self, images) -> torch.Tensor:
         """Validate an image batch; raise ``TypeError``/``ValueError`` saying what was expected."""
@@ -246,11 +269,11 @@ class QuantEarlyExitViT(nn.Module):
         return images
 
     # ------------------------------------------------------------------ stages
-    def embed_eager(self, images: torch.Tensor, ops) -> torch.Tensor:
-        x = self.conv1(images.float(), ops)
+    def embed_eager(self, images: torch.Tensor, ops, act_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        x = self.conv1(images.float(), ops).float()
         cls_tok = self.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)
         x = torch.cat([cls_tok, x], dim=1) + self.positional_embedding
-        return self.ln_pre(x)
+        return self.ln_pre(x).to(act_dtype)
 
     def _use_compile(self) -> bool:
         if self._compile_failed or self.resolved_backend != "torch" or self.device.type != "cpu":
@@ -259,26 +282,27 @@ class QuantEarlyExitViT(nn.Module):
             return _have_cxx()
         return bool(self.compile_blocks)
 
-    def _run(self, fn, module, x, ops):
+    def _run(self, fn, module, x, ops, *args):
         if self._use_compile() and x.shape[0] > 0:
             torch._dynamo.maybe_mark_dynamic(x, 0)
             try:
-                return _compiled(fn)(module, x, ops)
+                return _compiled(fn)(module, x, ops, *args)
             except Exception as err:  # a missing compiler or an Inductor limitation: stay correct, run eager
                 self._compile_failed = True
                 warnings.warn(f"torch.compile of the quantized tower failed ({type(err).__name__}: {err}); running eager")
-        return fn(module, x, ops)
+        return fn(module, x, ops, *args)
 
     def embed(self, images: torch.Tensor, ops=None) -> torch.Tensor:
-        """``[B, 3, H, W]`` -> tokens ``[B, T, D]`` (patch embedding, class token, positions, ln_pre)."""
-        return self._run(_call_embed, self, images, ops or self.ops())
+        """``[B, 3, H, W]`` -> tokens ``[B, T, D]`` in ``act_dtype`` (patch embedding, class token, positions, ln_pre)."""
+        return self._run(_call_embed, self, images, ops or self.ops(), self.act_dtype)
 
     def run_block(self, index: int, x: torch.Tensor, ops=None) -> torch.Tensor:
         """Run block ``index`` (0-based) on tokens ``[B, T, D]``."""
         return self._run(_call_block, self.transformer.resblocks[index], x, ops or self.ops())
 
     def pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's own head, as open_clip's ``_pool`` + ``proj``: ``(pooled[B, E], tokens[B, T-1, D])``."""
+        """The model's own head, as open_clip's ``_pool`` + ``proj``: ``(pooled[B, E], tokens[B, T-1, D])``, fp32."""
+        x = x.float()
         if self.final_ln_after_pool:
             pooled, tokens = self._global_pool(x)
             pooled = self.ln_post(pooled)
@@ -311,7 +335,7 @@ class QuantEarlyExitViT(nn.Module):
         return [images] if n is None or images.shape[0] <= n else list(images.split(n))
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Tokens after the last block, ``[B, T, D]`` fp32 (images already checked)."""
+        """Tokens after the last block, ``[B, T, D]`` in ``act_dtype`` (images already checked)."""
         ops = self.ops()
         x = self.embed(images, ops)
         for i in range(self.depth):
@@ -320,7 +344,7 @@ class QuantEarlyExitViT(nn.Module):
 
     @torch.no_grad()
     def hidden_states(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Tokens after the embedding and after each block: ``depth + 1`` tensors ``[B, T, D]``."""
+        """Tokens after the embedding and after each block: ``depth + 1`` tensors ``[B, T, D]`` in ``act_dtype``."""
         images = self.check_images(images)
         ops = self.ops()
         per_chunk = []
@@ -462,15 +486,19 @@ class QuantEarlyExitViT(nn.Module):
         return save_model(self, path)
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", backend: str | None = None) -> "QuantEarlyExitViT":
-        """Rebuild a model written by :meth:`save`; needs neither open_clip weights nor a download."""
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", backend: str | None = None,
+             act_dtype: torch.dtype | str | None = None) -> "QuantEarlyExitViT":
+        """Rebuild a model written by :meth:`save`; needs neither open_clip weights nor a download.
+
+        ``backend`` / ``act_dtype``: None keeps what was saved."""
         from .serialization import load_model
 
-        return load_model(path, device=device, backend=backend)
+        return load_model(path, device=device, backend=backend, act_dtype=act_dtype)
 
     def extra_repr(self) -> str:
         a, q = self.arch, self.quant_config
         return (
             f"width={a.width}, layers={a.layers}, heads={a.heads}, image_size={a.image_size}, patch_size={a.patch_size}, "
-            f"act_quant={q.act_quant}, smooth_alpha={q.smooth_alpha}, backend={self.backend}"
+            f"act_quant={q.act_quant}, smooth_alpha={q.smooth_alpha}, backend={self.backend} ({self.resolved_backend}), "
+            f"act_dtype={act_dtype_name(self.act_dtype)}" + ("" if self._act_dtype_request else " (auto)")
         )

@@ -37,6 +37,7 @@ def save_model(model, path: str | Path, extra: dict[str, Any] | None = None) -> 
         "arch": model.arch.to_dict(),
         "quant": model.quant_config.to_dict(),
         "backend": model.backend,
+        "act_dtype": model.act_dtype_request,
         "extra": {**extra_json, **(extra or {})},
     }
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -71,14 +72,15 @@ def _upgrade_v1(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", backend: str | None = None):
+def load_model(path: str | Path, device: str | torch.device = "cpu", backend: str | None = None, act_dtype=None):
     from .model import QuantEarlyExitViT
 
     path = Path(path)
     cfg = read_config(path)
     arch = VisionArch.from_dict(cfg["arch"])
     quant = QuantConfig.from_dict(cfg["quant"])
-    model = QuantEarlyExitViT(arch, quant, backend=backend or cfg.get("backend", "auto"))
+    model = QuantEarlyExitViT(arch, quant, backend=backend or cfg.get("backend", "auto"),
+                              act_dtype=act_dtype if act_dtype is not None else cfg.get("act_dtype", "float32"))
     tensors = load_file(str(path / WEIGHTS_FILE))
     if int(cfg.get("format_version", 1)) < 2:
         tensors = _upgrade_v1(tensors)

@@ -13,17 +13,11 @@ import functools
 def triton_ops():
     """The ``"triton"`` backend: the Triton launchers, with the fields of ``backend.TORCH_OPS``.
 
-    ``attn_dtype`` (what the qkv GEMM writes and SDPA runs in) is fp16 on CUDA, where SDPA's
-    flash/memory-efficient kernels want half precision; under ``TRITON_INTERPRET=1`` (CPU tensors,
-    tests) it is fp32, as on the torch backend, so the two backends can be compared code for code.
-    The attention core itself is ``backend.attention_ref`` (PyTorch SDPA) on both.
+    The attention core is ``backend.attention_ref`` (PyTorch SDPA) in the model's activation dtype.
     """
     from types import SimpleNamespace
 
-    import torch
-
     from ..backend import attention_ref
-    from ._launch import interpreting
     from ._triton import HAVE_TRITON
     from .exit_head import exit_head
     from .gate_features import gate_features
@@ -34,9 +28,6 @@ def triton_ops():
         raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
     return SimpleNamespace(
         name="triton",
-        attn_dtype=torch.float32 if interpreting() else torch.float16,
-        # The MLP hidden is re-quantized to INT8 right away: fp16 halves its round trip on GPU.
-        hidden_dtype=torch.float32 if interpreting() else torch.float16,
         layernorm_quant=layernorm_quant,
         quantize_per_token=quantize_per_token,
         quantize_per_tensor=quantize_per_tensor,

@@ -2,20 +2,27 @@
 
 A backend is a small namespace of operations with the contracts of the kernel references:
 ``layernorm_quant``, ``quantize_per_token``, ``quantize_per_tensor``, ``int8_gemm``,
-``attention``, ``exit_head``, ``gate_features``. The float activations run in the model's
-``act_dtype`` (``lra_kernels.hardware``), whatever the backend. Modules receive the namespace and
-call it; they never branch on the backend.
+``attention``, ``exit_head``, ``gate_features``, ``matmul_rows`` (a batch of matrix-vector
+products whose rows never depend on the batch), and two optional fused paths, ``fused_block``
+and ``fused_linear`` (None, or a function that runs a whole ``QuantBlock`` / ``QuantLinear`` and
+returns None when it declines one). The float activations run in the model's ``act_dtype``
+(``lra_kernels.hardware``), whatever the backend. Modules receive the namespace and call it; they
+never branch on the backend.
 
 - ``"torch"``: the ``*_ref`` functions (``torch._int_mm`` for the INT8 GEMMs). On CPU the
   transformer blocks are compiled with TorchInductor (see ``compile_blocks``) so that the
   quantize / dequantize element-wise passes fuse; eager otherwise.
 - ``"triton"``: the Triton kernels of ``lra_kernels.kernels`` (CUDA, or CPU tensors under
   ``TRITON_INTERPRET=1``).
-- ``"auto"``: ``"triton"`` on CUDA, ``"torch"`` elsewhere.
+- ``"cpu"``: the C++ CPU kernels of ``lra_kernels.cpu`` (AVX-512 VNNI / AMX-INT8 GEMMs on packed
+  weights with fused epilogues, fused attention); the torch references for what they do not fuse.
+- ``"auto"``: ``"triton"`` on CUDA; on CPU ``"cpu"`` where those kernels are available and take the
+  model's scheme (``cpu_declines``), ``"torch"`` otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from types import SimpleNamespace
 
@@ -26,7 +33,7 @@ from .kernels.int8_gemm import int8_gemm_ref
 from .kernels.layernorm_quant import layernorm_quant_ref
 from .quant import quantize_per_tensor_ref, quantize_per_token_ref
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 def attention_ref(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -42,12 +49,21 @@ def attention_ref(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def matmul_rows(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``a[B, K] @ w[K, N]`` with each row computed alone (a batch of ``1 x K`` GEMMs).
+    """``a[B, K] @ w[K, N]`` with each row computed alone.
 
     A plain ``a @ w`` picks its blocking from ``B``, so a row's float result could change with
-    the batch it shares; early-exit decisions must not, so heads and projections use this.
+    the batch it shares; early-exit decisions must not, so heads and projections use this. On
+    CPU each row is one matrix-vector product (the same call whatever ``B``; a batched GEMM was
+    not enough: MKL's batched kernels regroup the products by batch size on Intel CPUs); on CUDA
+    a batch of ``1 x K`` GEMMs.
     """
-    return torch.bmm(a.unsqueeze(1), w.expand(a.shape[0], *w.shape)).squeeze(1)
+    if a.device.type != "cpu":
+        return torch.bmm(a.unsqueeze(1), w.expand(a.shape[0], *w.shape)).squeeze(1)
+    wt = w.t()
+    out = torch.empty(a.shape[0], w.shape[1], dtype=torch.promote_types(a.dtype, w.dtype))
+    for i in range(a.shape[0]):
+        torch.mv(wt, a[i], out=out[i])
+    return out
 
 
 def triton_interpreting() -> bool:
@@ -60,11 +76,30 @@ def validate_backend(backend: str) -> str:
     return backend
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend (``"torch"`` or ``"triton"``) for tensors on ``device``."""
+def cpu_declines(device: torch.device, quant_config=None) -> str | None:
+    """Why the ``"cpu"`` backend cannot run a model of ``quant_config`` on ``device`` (None: it can).
+
+    Building the CPU kernels happens here, on the first call (cached on disk afterwards)."""
+    if device.type != "cpu":
+        return f"the CPU kernels run on CPU tensors (the model is on {device})"
+    if quant_config is not None and quant_config.act_quant == "paper":
+        return "the paper's scheme (per-tensor dynamic activations over the whole batch) is not fused by the CPU kernels"
+    from . import cpu
+
+    return None if cpu.available() else cpu.reason()
+
+
+def resolve_backend(backend: str, device: torch.device, quant_config=None) -> str:
+    """The concrete backend (``"torch"``, ``"triton"`` or ``"cpu"``) for a model of ``quant_config`` on ``device``."""
     validate_backend(backend)
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "triton"
+        return "cpu" if cpu_declines(device, quant_config) is None else "torch"
+    if backend == "cpu":
+        reason = cpu_declines(device, quant_config)
+        if reason is not None:
+            raise ValueError(f"backend='cpu' cannot run this model: {reason}. Use backend='torch' or 'auto'.")
     if backend == "triton" and device.type != "cuda" and not triton_interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
@@ -79,6 +114,9 @@ def _torch_ops() -> SimpleNamespace:
 
     return SimpleNamespace(
         name="torch",
+        matmul_rows=matmul_rows,
+        fused_block=None,
+        fused_linear=None,
         layernorm_quant=layernorm_quant_ref,
         quantize_per_token=quantize_per_token_ref,
         quantize_per_tensor=quantize_per_tensor_ref,
@@ -92,10 +130,28 @@ def _torch_ops() -> SimpleNamespace:
 TORCH_OPS = _torch_ops()
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_ops() -> SimpleNamespace:
+    from .cpu import block as cpu_block
+    from .cpu import ops as cpu
+    from .kernels.exit_head import exit_head_ref
+
+    return SimpleNamespace(**{
+        **vars(TORCH_OPS),
+        "name": "cpu",
+        "matmul_rows": cpu.rows_matmul,
+        "exit_head": functools.partial(exit_head_ref, matmul=cpu.rows_matmul),
+        "fused_block": cpu_block.forward_or_decline,
+        "fused_linear": cpu_block.linear_or_decline,
+    })
+
+
 def get_ops(name: str) -> SimpleNamespace:
     """The operation namespace of a concrete backend."""
     if name == "torch":
         return TORCH_OPS
+    if name == "cpu":
+        return _cpu_ops()
     if name == "triton":
         from .kernels import triton_ops  # imports triton; only when asked for
 

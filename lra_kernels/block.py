@@ -116,6 +116,10 @@ class QuantLinear(nn.Module):
         out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         out_dtype = out_dtype or x.dtype
+        if ops.fused_linear is not None:
+            y = ops.fused_linear(self, x, activation, residual, out_dtype)
+            if y is not None:
+                return y
         if self.mode == "float":
             y = apply_activation(F.linear(x.float(), self.weight, self.bias), activation)
             if residual is not None:
@@ -184,6 +188,10 @@ class QuantBlock(nn.Module):
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
         """``x[B, T, D]`` in the activation dtype (fp32/bf16/fp16); every GEMM output, the attention
         core and the returned residual stream stay in that dtype."""
+        if ops.fused_block is not None:
+            y = ops.fused_block(self, x)
+            if y is not None:
+                return y
         B, T, D = x.shape
         act = x.dtype
         x2 = x.reshape(B * T, D)

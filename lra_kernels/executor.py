@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .backend import matmul_rows
 from .policy import ExitPolicy
 
 
@@ -76,11 +75,12 @@ def _normalise(e: torch.Tensor) -> torch.Tensor:
     return e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def final_head(model, x: torch.Tensor, text: torch.Tensor, logit_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def final_head(model, x: torch.Tensor, text: torch.Tensor, logit_scale: float, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's own head on tokens ``x``, then cosine logits: ``(logits, z)``."""
-    pooled, _ = model.pool(x)
+    ops = ops or model.ops()
+    pooled, _ = model.pool(x, ops)
     z = _normalise(pooled.float())
-    return logit_scale * matmul_rows(z, text.t()), z
+    return logit_scale * ops.matmul_rows(z, text.t()), z
 
 
 def exit_head(model, ops, x: torch.Tensor, text: torch.Tensor, logit_scale: float, head: str):
@@ -140,7 +140,7 @@ def run_early_exit(
         if n_stay == 0:
             break
     if active.numel():
-        logits, z = final_head(model, x, text, logit_scale)
+        logits, z = final_head(model, x, text, logit_scale, ops)
         logits_out.index_copy_(0, active, logits)
         emb_out.index_copy_(0, active, z)
         if trace is not None:
@@ -163,7 +163,7 @@ def run_all_exits(
             logits_all.append(logits)
             emb_all.append(z)
             feats_all.append(ops.gate_features(logits, x))
-    logits, z = final_head(model, x, text, logit_scale)
+    logits, z = final_head(model, x, text, logit_scale, ops)
     logits_all.append(logits)
     emb_all.append(z)
     B = images.shape[0]

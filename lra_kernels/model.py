@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backend import get_ops, matmul_rows, resolve_backend, validate_backend
+from .backend import get_ops, resolve_backend, validate_backend
 from .block import QuantBlock, QuantLinear
 from .config import QuantConfig, VisionArch
 from .executor import AllExitsResult, ClassifyResult, run_all_exits, run_early_exit
@@ -226,7 +226,7 @@ class QuantEarlyExitViT(nn.Module):
 
     @property
     def resolved_backend(self) -> str:
-        return resolve_backend(self.backend, self.device)
+        return resolve_backend(self.backend, self.device, self.quant_config)
 
     def ops(self):
         return get_ops(self.resolved_backend)
@@ -300,7 +300,7 @@ class QuantEarlyExitViT(nn.Module):
         """Run block ``index`` (0-based) on tokens ``[B, T, D]``."""
         return self._run(_call_block, self.transformer.resblocks[index], x, ops or self.ops())
 
-    def pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pool(self, x: torch.Tensor, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's own head, as open_clip's ``_pool`` + ``proj``: ``(pooled[B, E], tokens[B, T-1, D])``, fp32."""
         x = x.float()
         if self.final_ln_after_pool:
@@ -315,7 +315,7 @@ class QuantEarlyExitViT(nn.Module):
             x = self.ln_post(x)
             pooled, tokens = self._global_pool(x)
         if self.proj is not None:
-            pooled = matmul_rows(pooled, self.proj)
+            pooled = (ops or self.ops()).matmul_rows(pooled, self.proj)
         return pooled, tokens
 
     def _global_pool(self, x):
@@ -325,7 +325,7 @@ class QuantEarlyExitViT(nn.Module):
 
     def chunk_size(self) -> int | None:
         """Images per chunk, or None for one pass (GPU, the paper's batch-dependent scheme)."""
-        if (self.cpu_chunk_tokens and self.device.type == "cpu" and self.resolved_backend == "torch"
+        if (self.cpu_chunk_tokens and self.device.type == "cpu" and self.resolved_backend in ("torch", "cpu")
                 and self.quant_config.act_quant != "paper"):
             return max(1, int(self.cpu_chunk_tokens) // self.arch.num_tokens)
         return None
@@ -368,7 +368,8 @@ class QuantEarlyExitViT(nn.Module):
             # Exit heads give directions, not the final head's norms: all rows come back normalised.
             return self.classify(images).embeddings.to(images.dtype)
         with torch.autocast(images.device.type, enabled=False):
-            parts = [self.pool(self.forward_tokens(chunk)) for chunk in self._chunks(images)]
+            ops = self.ops()
+            parts = [self.pool(self.forward_tokens(chunk), ops) for chunk in self._chunks(images)]
         pooled, tokens = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
         if self.output_tokens:
             return pooled.to(images.dtype), tokens.to(images.dtype)

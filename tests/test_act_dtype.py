@@ -20,7 +20,9 @@ FLOOR = {torch.float32: 0.9999, torch.bfloat16: 0.9999, torch.float16: 0.9999}
 
 
 def backends():
-    return ["torch", "triton"]
+    from lra_kernels import cpu
+
+    return ["torch", "triton"] + (["cpu"] if cpu.available() else [])
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from conftest import images_for, make_tower
 from lra_kernels import ExitPolicy, QuantEarlyExitViT
-from lra_kernels.backend import matmul_rows
 from lra_kernels.flops import flops_model
 
 DEPTH = 4
@@ -105,7 +104,7 @@ def test_disabled_policy_equals_full_depth_int8(qvit):
     full = qvit(x)
     z = full / full.norm(dim=-1, keepdim=True)
     assert torch.equal(res.embeddings, z)
-    assert torch.equal(res.logits, 50.0 * matmul_rows(z, qvit.classifier.t()))
+    assert torch.equal(res.logits, 50.0 * qvit.ops().matmul_rows(z, qvit.classifier.t()))
     assert (res.exit_layer == DEPTH).all() and res.exit_layer.dtype == torch.int64
 
 

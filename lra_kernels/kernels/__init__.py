@@ -17,7 +17,7 @@ def triton_ops():
     """
     from types import SimpleNamespace
 
-    from ..backend import attention_ref
+    from ..backend import attention_ref, matmul_rows
     from ._triton import HAVE_TRITON
     from .exit_head import exit_head
     from .gate_features import gate_features
@@ -35,4 +35,7 @@ def triton_ops():
         attention=attention_ref,
         exit_head=exit_head,
         gate_features=gate_features,
+        matmul_rows=matmul_rows,
+        fused_block=None,
+        fused_linear=None,
     )

@@ -48,8 +48,10 @@ def exit_head_ref(
     text: torch.Tensor,
     logit_scale: float,
     pool: str = "patch_mean",
+    matmul=matmul_rows,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch reference: ``(logits[B, C], z[B, E])``."""
+    """Pure-torch reference: ``(logits[B, C], z[B, E])``. ``matmul``: the row-wise product to use
+    (``backend.matmul_rows``, or a backend's own with the same contract)."""
     if pool == "patch_mean":
         m = h[:, 1:, :].float().mean(dim=1)
     elif pool == "cls":
@@ -57,9 +59,9 @@ def exit_head_ref(
     else:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     n = F.layer_norm(m, (m.shape[-1],), ln_weight, ln_bias, eps)
-    e = matmul_rows(n, proj.float()) if proj is not None else n
+    e = matmul(n, proj.float()) if proj is not None else n
     z = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    logits = logit_scale * matmul_rows(z, text.float().t())
+    logits = logit_scale * matmul(z, text.float().t())
     return logits, z
 
 

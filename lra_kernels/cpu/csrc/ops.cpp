@@ -1,0 +1,245 @@
+// The operator library ``torch.ops.lra_cpu``: argument checks, allocation, and the row-wise kernels
+// that are not GEMMs (LayerNorm + quantize, fixed-order matrix-vector products).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "attention.h"
+#include "common.h"
+#include "gemm.h"
+
+namespace lra_cpu {
+
+static int float_type(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return F32;
+    case at::kBFloat16:
+      return BF16;
+    case at::kHalf:
+      return F16;
+    default:
+      TORCH_CHECK(false, what, ": expected float32/bfloat16/float16, got ", t.scalar_type());
+  }
+}
+
+static at::ScalarType scalar_of(int type) {
+  return type == F32 ? at::kFloat : (type == BF16 ? at::kBFloat16 : at::kHalf);
+}
+
+static const float* opt_f32(const std::optional<at::Tensor>& t, int64_t n, const char* what) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n, what,
+              ": expected a contiguous float32 vector of ", n, " elements, got ", t->sizes(), " ", t->scalar_type());
+  return t->data_ptr<float>();
+}
+
+// Codes buffer [round_up(M, 32) + 32, round_up(K, 64)] uint8; the rows past M hold code 0.
+at::Tensor alloc_codes(int64_t M, int64_t K) {
+  const int64_t Mp = round_up(M, MALIGN) + MALIGN, Kp = round_up(K, KALIGN);
+  at::Tensor codes = at::empty({Mp, Kp}, at::TensorOptions().dtype(at::kByte));
+  std::memset(codes.data_ptr<uint8_t>() + M * Kp, 128, (size_t)((Mp - M) * Kp));
+  return codes;
+}
+
+static std::tuple<at::Tensor, at::Tensor> pack_weight_op(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "pack_weight: expected int8 w[N, K], got ", w.sizes(),
+              " ", w.scalar_type());
+  at::Tensor wc = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  const int64_t Np = round_up(N, NPANEL), Kp = round_up(K, KALIGN);
+  at::Tensor packed = at::empty({Np * Kp}, at::TensorOptions().dtype(at::kChar));
+  at::Tensor colsum = at::empty({Np}, at::TensorOptions().dtype(at::kInt));
+  pack_weight(wc.data_ptr<int8_t>(), N, K, packed.data_ptr<int8_t>(), colsum.data_ptr<int32_t>());
+  return {packed, colsum};
+}
+
+// x[M, K] (rows contiguous) -> codes [Mp, Kp] uint8 (code + 128), scale [M] fp32.
+// layernorm: LayerNorm (ln_w, ln_b, eps) first; smooth: multiply by smooth[K] first (no LayerNorm);
+// static_scale > 0: that calibrated scale, else one scale per row.
+static std::tuple<at::Tensor, at::Tensor> quantize_op(const at::Tensor& x, const std::optional<at::Tensor>& ln_w,
+                                                      const std::optional<at::Tensor>& ln_b, double eps,
+                                                      bool layernorm, const std::optional<at::Tensor>& smooth,
+                                                      double static_scale) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quantize: expected x[M, K] with contiguous rows, got ", x.sizes());
+  const int type = float_type(x, "quantize: x");
+  const int64_t M = x.size(0), K = x.size(1), ld = x.stride(0);
+  const float* w = opt_f32(ln_w, K, "quantize: ln_w");
+  const float* b = opt_f32(ln_b, K, "quantize: ln_b");
+  const float* s = opt_f32(smooth, K, "quantize: smooth");
+  at::Tensor codes = alloc_codes(M, K);
+  at::Tensor scale = at::empty({M}, at::TensorOptions().dtype(at::kFloat));
+  const int64_t Kp = codes.size(1);
+  const char* xp = (const char*)x.data_ptr();
+  uint8_t* q = codes.data_ptr<uint8_t>();
+  float* sc = scale.data_ptr<float>();
+  const int es = elem_size(type);
+  const float fs = (float)static_scale;
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    std::vector<float> h(round_up(K, 16));
+    for (int64_t m = m0; m < m1; ++m) {
+      const char* row = xp + m * ld * es;
+      if (layernorm) {
+        layernorm_row(row, type, K, w, b, (float)eps, h.data());
+      } else {
+        for (int64_t k = 0; k < K; k += 16) {
+          const __mmask16 mk = tail_mask(K - k);
+          __m512 v = load_f(row + k * es, type, mk);
+          if (s) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, s + k));
+          _mm512_mask_storeu_ps(h.data() + k, mk, v);
+        }
+      }
+      sc[m] = quantize_row(h.data(), K, Kp, q + m * Kp, fs);
+    }
+  });
+  return {codes, scale};
+}
+
+static std::vector<at::Tensor> gemm_op(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& packed,
+                                       const at::Tensor& colsum, int64_t N, int64_t K, const at::Tensor& w_scale,
+                                       const std::optional<at::Tensor>& bias, int64_t act,
+                                       const std::optional<at::Tensor>& residual, int64_t kind,
+                                       at::ScalarType out_dtype, const std::optional<at::Tensor>& smooth,
+                                       double static_scale, const std::optional<at::Tensor>& ln_w,
+                                       const std::optional<at::Tensor>& ln_b, double eps) {
+  const int64_t M = a_scale.size(0), Kp = round_up(K, KALIGN), Np = round_up(N, NPANEL);
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kByte && a.is_contiguous() && a.size(1) == Kp &&
+                  a.size(0) >= round_up(M, MALIGN) + MALIGN,
+              "gemm: expected codes from lra_cpu.quantize for K=", K, " and M=", M, ", got ", a.sizes());
+  TORCH_CHECK(a_scale.scalar_type() == at::kFloat && a_scale.is_contiguous(), "gemm: a_scale must be float32");
+  TORCH_CHECK(packed.numel() == Np * Kp && colsum.numel() == Np, "gemm: packed weight does not match N=", N, ", K=", K);
+  GemmArgs g;
+  g.a = a.data_ptr<uint8_t>();
+  g.lda = Kp;
+  g.a_scale = a_scale.data_ptr<float>();
+  g.M = M;
+  g.packed = packed.data_ptr<int8_t>();
+  g.colsum = colsum.data_ptr<int32_t>();
+  g.N = N;
+  g.K = K;
+  g.Kp = Kp;
+  g.w_scale = opt_f32(w_scale, N, "gemm: w_scale");
+  g.bias = opt_f32(bias, N, "gemm: bias");
+  g.act = (int)act;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == M && residual->size(1) == N && residual->stride(1) == 1,
+                "gemm: residual must be [M, N] with contiguous rows, got ", residual->sizes());
+    g.residual = residual->data_ptr();
+    g.res_type = float_type(*residual, "gemm: residual");
+    g.ld_res = residual->stride(0);
+  }
+  g.kind = (int)kind;
+  g.smooth = opt_f32(smooth, N, "gemm: smooth");
+  g.static_scale = (float)static_scale;
+  g.ln_w = opt_f32(ln_w, N, "gemm: ln_w");
+  g.ln_b = opt_f32(ln_b, N, "gemm: ln_b");
+  g.eps = (float)eps;
+  std::vector<at::Tensor> outs;
+  at::Tensor out;
+  if (kind == OUT_FLOAT || kind == OUT_FLOAT_LNQ) {
+    out = at::empty({M, N}, at::TensorOptions().dtype(out_dtype));
+    g.out = out.data_ptr();
+    g.out_type = float_type(out, "gemm: out_dtype");
+    g.ld_out = N;
+    outs.push_back(out);
+  } else if (kind == OUT_ACC) {
+    out = at::empty({M, N}, at::TensorOptions().dtype(at::kInt));
+    g.out = out.data_ptr();
+    g.ld_out = N;
+    outs.push_back(out);
+  }
+  if (kind == OUT_QUANT || kind == OUT_FLOAT_LNQ) {
+    at::Tensor codes = alloc_codes(M, N);
+    at::Tensor scale = at::empty({M}, at::TensorOptions().dtype(at::kFloat));
+    g.q_out = codes.data_ptr<uint8_t>();
+    g.ldq = codes.size(1);
+    g.q_scale = scale.data_ptr<float>();
+    outs.push_back(codes);
+    outs.push_back(scale);
+  }
+  TORCH_CHECK(kind >= 0 && kind <= 3, "gemm: unknown output kind ", kind);
+  gemm(g);
+  return outs;
+}
+
+// out[b, n] = sum_k a[b, k] * w[k, n] (w_nk: w given as [N, K]) with the same order of operations for
+// every row, whatever the batch: a batch of matrix-vector products, blocked over rows for speed.
+static at::Tensor rows_matmul_op(const at::Tensor& a_in, const at::Tensor& w_in, bool w_nk) {
+  TORCH_CHECK(a_in.dim() == 2 && w_in.dim() == 2, "rows_matmul: expected a[B, K] and a 2-D weight");
+  const at::Tensor a = a_in.to(at::kFloat).contiguous(), w = w_in.to(at::kFloat).contiguous();
+  const int64_t B = a.size(0), K = a.size(1);
+  const int64_t N = w_nk ? w.size(0) : w.size(1);
+  TORCH_CHECK((w_nk ? w.size(1) : w.size(0)) == K, "rows_matmul: a is [", B, ", ", K, "] but w is ", w.sizes());
+  at::Tensor out = at::empty({B, N}, at::TensorOptions().dtype(at::kFloat));
+  const float* ap = a.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  constexpr int R = 4;
+  at::parallel_for(0, (B + R - 1) / R, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b0 = g * R, nb = std::min<int64_t>(R, B - b0);
+      if (!w_nk) {  // vectorised over n; k in order
+        for (int64_t n = 0; n < N; n += 16) {
+          const __mmask16 mk = tail_mask(N - n);
+          __m512 acc[R];
+          for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+          for (int64_t k = 0; k < K; ++k) {
+            const __m512 wv = _mm512_maskz_loadu_ps(mk, wp + k * N + n);
+            for (int r = 0; r < nb; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(ap[(b0 + r) * K + k]), wv, acc[r]);
+          }
+          for (int r = 0; r < nb; ++r) _mm512_mask_storeu_ps(op + (b0 + r) * N + n, mk, acc[r]);
+        }
+      } else {  // dot products of rows: 16 partial sums in k order, then one fixed reduction
+        for (int64_t n = 0; n < N; ++n) {
+          __m512 acc[R];
+          for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+          for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 mk = tail_mask(K - k);
+            const __m512 wv = _mm512_maskz_loadu_ps(mk, wp + n * K + k);
+            for (int r = 0; r < nb; ++r)
+              acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, ap + (b0 + r) * K + k), wv, acc[r]);
+          }
+          for (int r = 0; r < nb; ++r) op[(b0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+static std::string isa_op() {
+  return amx_in_use() ? "amx_int8" : "avx512_vnni";
+}
+
+static bool set_amx_op(bool on) {
+  if (on && !(amx_compiled() && amx_request_permission())) return false;
+  use_amx(on);
+  return amx_in_use() == on;
+}
+
+static bool amx_compiled_op() { return amx_compiled(); }
+
+}  // namespace lra_cpu
+
+TORCH_LIBRARY(lra_cpu, m) {
+  m.def("pack_weight(Tensor w) -> (Tensor, Tensor)", &lra_cpu::pack_weight_op);
+  m.def("quantize(Tensor x, Tensor? ln_w, Tensor? ln_b, float eps, bool layernorm, Tensor? smooth, "
+        "float static_scale) -> (Tensor, Tensor)",
+        &lra_cpu::quantize_op);
+  m.def("gemm(Tensor a, Tensor a_scale, Tensor packed, Tensor colsum, int N, int K, Tensor w_scale, Tensor? bias, "
+        "int act, Tensor? residual, int kind, ScalarType out_dtype, Tensor? smooth, float static_scale, "
+        "Tensor? ln_w, Tensor? ln_b, float eps) -> Tensor[]",
+        &lra_cpu::gemm_op);
+  m.def("attention(Tensor qkv, int B, int T, int heads, int kind, ScalarType out_dtype, float static_scale) "
+        "-> Tensor[]",
+        &lra_cpu::attention_op);
+  m.def("rows_matmul(Tensor a, Tensor w, bool w_nk) -> Tensor", &lra_cpu::rows_matmul_op);
+  m.def("isa() -> str", &lra_cpu::isa_op);
+  m.def("set_amx(bool on) -> bool", &lra_cpu::set_amx_op);
+  m.def("amx_compiled() -> bool", &lra_cpu::amx_compiled_op);
+}

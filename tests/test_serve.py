@@ -175,16 +175,16 @@ def check_embed(answer: dict, expected: dict) -> None:
     torch.testing.assert_close(got, expected["embedding"], atol=1e-6, rtol=0)
 
 
-def check_classify(answer: dict, expected: dict, names=CLASS_NAMES) -> None:
+def check_classify(answer: dict, expected: dict, names=CLASS_NAMES, prob_atol: float = 1e-6) -> None:
     assert set(answer) == {"label", "name", "score", "top5", "exit_layer"}
     probs = expected["probs"]
     label = int(probs.argmax())
     assert answer["label"] == label
     assert answer["name"] == (names[label] if names else None)
-    assert answer["score"] == pytest.approx(float(probs[label]), abs=1e-6)
+    assert answer["score"] == pytest.approx(float(probs[label]), abs=prob_atol)
     top = probs.topk(min(5, probs.numel()))
     assert [c for c, _ in answer["top5"]] == top.indices.tolist()
-    assert [p for _, p in answer["top5"]] == pytest.approx(top.values.tolist(), abs=1e-6)
+    assert [p for _, p in answer["top5"]] == pytest.approx(top.values.tolist(), abs=prob_atol)
     assert answer["exit_layer"] == expected["exit_layer"]
 
 
@@ -290,7 +290,12 @@ def test_core_serves_plain_open_clip(corpus):
             torch.testing.assert_close(got, emb, atol=1e-5, rtol=1e-5)
             assert r.body["exit_layer"] == DEPTH
         else:
-            check_classify(r.body, expected, names=None)
+            # Plain open_clip is a float tower whose GEMMs block by batch size (MKL on Intel CPUs picks
+            # other kernels for other M): an embedding moves by fp32 GEMM rounding, ~sqrt(K) * 6e-8
+            # = 2e-6 relative at K = 768; x logit_scale 100 that is 2e-4 on a logit, and a softmax
+            # probability moves by at most p(1 - p) * 2 * 2e-4 < 1e-4. (Our INT8 towers are
+            # batch-independent by construction and keep 1e-6.)
+            check_classify(r.body, expected, names=None, prob_atol=1e-4)
 
 
 def test_engine_rejects_other_objects():

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <vector>
 
 #include "common.h"
@@ -196,7 +197,8 @@ void gemm(const GemmArgs& g) {
   const int64_t quantum = amx ? 32 : 6;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   // rows per block: the int32 scratch stays within ~384 KiB of L2
-  const int64_t mb_max = std::max<int64_t>(quantum, (98304 / Np) / quantum * quantum);
+  static const int64_t budget = std::getenv("LRA_CPU_SCRATCH") ? std::atoll(std::getenv("LRA_CPU_SCRATCH")) : 98304;
+  const int64_t mb_max = std::max<int64_t>(quantum, (budget / Np) / quantum * quantum);
   int64_t nblocks = (g.M + mb_max - 1) / mb_max;
   nblocks = std::min<int64_t>(round_up(nblocks, nth), (g.M + 7) / 8);  // even work, at least 8 rows each
   nblocks = std::max<int64_t>(nblocks, 1);

@@ -131,7 +131,8 @@ def other_jobs(quick: bool):
         blocks = head_blocks(D, E, C)
         yield _job("exit_head", "exit_head", {"h_ptr": f"*{hdt}"},
                    dict(PATCH_MEAN=patch_mean, HAS_LN_WEIGHT=True, HAS_LN_BIAS=True, HAS_PROJ=has_proj, **blocks),
-                   dict(num_warps=HEAD_WARPS), ("stride_hd", "stride_lw", "stride_lb", "stride_pe", "stride_te", "stride_sd"),
+                   dict(num_warps=HEAD_WARPS),
+                   ("stride_hd", "stride_lw", "stride_lb", "stride_pe", "stride_te", "stride_sd"),
                    ("D", "E", "stride_hb", "stride_ht", "stride_pd", "stride_tc", "stride_sb", "stride_zb"),
                    f"{hdt} B-tile {BLOCK_B} D={D} E={E} C={C} patch_mean={patch_mean} proj={has_proj}")
     for hdt in ("fp16",) if quick else ("fp16", "fp32", "bf16"):
@@ -252,11 +253,13 @@ def compile_one(job):
         if job["ctas"] and ctas < job["ctas"]:
             problems.append(f"{ctas} CTA(s) per SM fit, config claims {job['ctas']}")
     sass = " ".join(f"{k}={v}" for k, v in cub["sass"].items() if v)
+    sizes = ptx["cp_async_sizes"]
     loads = (f"tma={ptx['tma_loads']}" if ptx["tma_loads"] else "") + (
-        f" cp.async={len(ptx['cp_async_sizes'])}x{sorted(set(ptx['cp_async_sizes']))}B" if ptx["cp_async_sizes"] else "")
+        f" cp.async={len(sizes)}x{sorted(set(sizes))}B" if sizes else "")
     status = "ok" if not problems else "PROBLEM: " + "; ".join(problems)
-    line = (f"sm_{arch} {job['name']:<15} {job['label']:<46} regs {cub['regs']:>3} spill {cub['local'] + cub['stack']:>3} B "
-            f"smem {shared:>6} B ctas/SM {ctas}  {loads.strip()}  [{sass}]  {secs:4.1f}s  {status}")
+    line = (f"sm_{arch} {job['name']:<15} {job['label']:<46} regs {cub['regs']:>3} "
+            f"spill {cub['local'] + cub['stack']:>3} B smem {shared:>6} B ctas/SM {ctas}  {loads.strip()}  "
+            f"[{sass}]  {secs:4.1f}s  {status}")
     return line, not problems
 
 

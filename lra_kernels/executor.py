@@ -120,7 +120,7 @@ def run_early_exit(
         logits, z = exit_head(model, ops, x, text, logit_scale, policy.head)
         feats = ops.gate_features(logits, x)
         scores = policy.gate_scores(j, feats)
-        leave = scores >= policy.threshold[j].to(device)  # NaN scores stay
+        leave = scores >= policy.resident(device)["threshold"][j]  # NaN scores stay
         if return_gate:
             feats_out[active, j] = feats
             scores_out[active, j] = scores

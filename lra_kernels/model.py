@@ -162,6 +162,7 @@ class QuantEarlyExitViT(nn.Module):
         self.logit_scale = 100.0
         self.class_names: list[str] | None = None
         self._exit_policy = ExitPolicy.disabled()
+        self.cuda_graphs = None  # a lra_kernels.cuda_graphs.GraphedViT once enable_cuda_graphs() is called
         self.requires_grad_(False)
         self.eval()
 
@@ -368,8 +369,11 @@ class QuantEarlyExitViT(nn.Module):
             # Exit heads give directions, not the final head's norms: all rows come back normalised.
             return self.classify(images).embeddings.to(images.dtype)
         with torch.autocast(images.device.type, enabled=False):
-            ops = self.ops()
-            parts = [self.pool(self.forward_tokens(chunk), ops) for chunk in self._chunks(images)]
+            if self.cuda_graphs is not None and self.cuda_graphs.usable(images):
+                parts = [self.cuda_graphs.pool(images)]
+            else:
+                ops = self.ops()
+                parts = [self.pool(self.forward_tokens(chunk), ops) for chunk in self._chunks(images)]
         pooled, tokens = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
         if self.output_tokens:
             return pooled.to(images.dtype), tokens.to(images.dtype)
@@ -420,6 +424,15 @@ class QuantEarlyExitViT(nn.Module):
         self.logit_scale = float(logit_scale)
         self.class_names = list(class_names) if class_names is not None else None
 
+    def enable_cuda_graphs(self, buckets=None, capture: bool | None = None):
+        """Run ``forward`` and ``classify`` through CUDA graphs per batch bucket (``lra_kernels.cuda_graphs``);
+        returns the ``GraphedViT`` (``.warmup()`` captures ahead of serving). ``capture=False``: the same
+        padding and segments, run eagerly. Undo with ``model.cuda_graphs = None``."""
+        from .cuda_graphs import DEFAULT_BUCKETS, GraphedViT
+
+        self.cuda_graphs = GraphedViT(self, buckets or DEFAULT_BUCKETS, capture)
+        return self.cuda_graphs
+
     def clear_classifier(self) -> None:
         self.classifier, self.class_names = None, None
 
@@ -439,6 +452,8 @@ class QuantEarlyExitViT(nn.Module):
         text = self._require_classifier()
         images = self.check_images(images)
         with torch.autocast(images.device.type, enabled=False):
+            if self.cuda_graphs is not None and self.cuda_graphs.usable(images):
+                return self.cuda_graphs.classify(images, return_gate)
             parts = [run_early_exit(self, c.float(), self.exit_policy, text, self.logit_scale, return_gate)
                      for c in self._chunks(images)]
         return parts[0] if len(parts) == 1 else ClassifyResult.cat(parts)

@@ -69,6 +69,15 @@ class ExitPolicy:
             raise ValueError("ExitPolicy.weight and bias must be finite")
         if self.head not in POOLS:
             raise ValueError(f"ExitPolicy.head must be one of {POOLS}, got {self.head!r}")
+        object.__setattr__(self, "_resident", {})
+
+    def resident(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """The tensor fields on ``device``, copied there once and kept (the executor reads them at every
+        exit point; a fresh host-to-device copy there would cost a synchronisation each time)."""
+        device = torch.device(device)
+        if device not in self._resident:
+            self._resident[device] = {name: getattr(self, name).to(device) for name in TENSOR_FIELDS}
+        return self._resident[device]
 
     @classmethod
     def disabled(cls) -> "ExitPolicy":
@@ -88,13 +97,13 @@ class ExitPolicy:
 
     def gate_scores(self, j: int, features: torch.Tensor) -> torch.Tensor:
         """Gate probability at exit ``j`` for ``features[B, 3]`` (NaN stays NaN)."""
-        dev = features.device
-        z = (features - self.feature_mean[j].to(dev)) / self.feature_std[j].to(dev)
-        return torch.sigmoid(z @ self.weight[j].to(dev) + self.bias[j].to(dev))
+        t = self.resident(features.device)
+        z = (features - t["feature_mean"][j]) / t["feature_std"][j]
+        return torch.sigmoid(z @ t["weight"][j] + t["bias"][j])
 
     def leaves(self, j: int, features: torch.Tensor) -> torch.Tensor:
         """Boolean ``[B]``: who leaves at exit ``j``. NaN scores compare False: those samples stay."""
-        return self.gate_scores(j, features) >= self.threshold[j].to(features.device)
+        return self.gate_scores(j, features) >= self.resident(features.device)["threshold"][j]
 
     def with_thresholds(self, threshold) -> "ExitPolicy":
         return ExitPolicy(self.exit_layers, self.weight, self.bias, self.feature_mean, self.feature_std,

@@ -68,15 +68,36 @@ def test_ragged_projection_tiles():
 
 
 def test_rows_do_not_depend_on_the_batch():
-    h, ln_w, ln_b, p, text = _inputs(13, 17, 24, 40, 10)
+    # 37 samples: three programs of 16; each row alone, at another place in its tile, in a permuted
+    # batch and in a strided view (compaction, x[~leave]) gives the same bits
+    h, ln_w, ln_b, p, text = _inputs(37, 17, 24, 40, 10)
     logits, z = exit_head(h, ln_w, ln_b, 1e-5, p, text, 100.0)
-    for i in (0, 7, 12):
+    for i in (0, 7, 15, 16, 30, 36):
         li, zi = exit_head(h[i : i + 1], ln_w, ln_b, 1e-5, p, text, 100.0)
-        assert torch.equal(li, logits[i : i + 1]) and torch.equal(zi, z[i : i + 1])
-    # a strided view of the batch (after compaction, x[~leave]) gives the same rows
+        assert torch.equal(li, logits[i : i + 1]) and torch.equal(zi, z[i : i + 1]), i
+    perm = torch.randperm(37)
+    lp, zp = exit_head(h[perm], ln_w, ln_b, 1e-5, p, text, 100.0)
+    assert torch.equal(lp, logits[perm]) and torch.equal(zp, z[perm])
     sub = h[::3]
     li, zi = exit_head(sub, ln_w, ln_b, 1e-5, p, text, 100.0)
     assert torch.equal(li, logits[::3]) and torch.equal(zi, z[::3])
+
+
+def test_one_program_per_tile_of_samples(monkeypatch):
+    # proj and text are read once per BLOCK_B samples, not once per sample
+    import lra_kernels.kernels.exit_head as mod
+
+    kernel, grids = mod._exit_head_kernel, []
+
+    class Recording:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(mod, "_exit_head_kernel", Recording())
+    for B in (1, 16, 17, 256):
+        _check(_inputs(B, 5, 24, 16, 3), "patch_mean")
+    assert mod.BLOCK_B >= 16 and [g[0] for g in grids] == [1, 1, 2, 256 // mod.BLOCK_B]
 
 
 @ignore_fp_warnings

@@ -1,14 +1,22 @@
-"""Triton INT8 GEMM (int32 accumulation, fused dequant/bias/activation/residual) against its reference."""
+"""Triton INT8 GEMM (int32 accumulation, fused dequant/bias/activation/residual) against its reference.
+
+Both kernels run: the tiled one, and the persistent TMA one wherever the operands allow TMA (K and the
+row strides multiples of 16 bytes); under the interpreter the launcher picks the persistent kernel
+whenever it applies, so the (K, N) table holds shapes of both kinds.
+"""
 
 import pytest
 import torch
 
 from conftest import M_SIZES
 from kernel_checks import DEVICE, assert_within_torch_error, gpu, ignore_fp_warnings, poisoned
-from lra_kernels.kernels.int8_gemm import ACTIVATIONS, apply_activation, gpu_configs, int8_gemm, int8_gemm_ref
+from lra_kernels.kernels.int8_gemm import (ACTIVATIONS, apply_activation, gpu_configs, int8_gemm, int8_gemm_ref,
+                                           weight_layout)
+from lra_kernels.kernels.int8_gemm_persistent import tma_compatible
 
-# (K, N): not multiples of the blocks, one K spanning several BLOCK_K slices with a ragged tail
-KN_SIZES = ((8, 8), (24, 40), (136, 96))
+# (K, N): not multiples of the blocks, K spanning several BLOCK_K slices with a ragged tail; the last
+# two are TMA-compatible (K % 16 == 0), so the persistent kernel takes them
+KN_SIZES = ((8, 8), (24, 40), (136, 96), (48, 40), (144, 200))
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -80,13 +88,14 @@ def test_int32_accumulation_is_exact():
 def test_epilogue_is_bitwise_reference_order():
     # With no activation, each output is (acc * x_scale) * w_scale + bias + residual in fp32: the
     # interpreter reproduces the reference bit for bit (on GPU an FMA may differ in the last bit).
-    q, w, x_scale, w_scale, bias, residual = _operands(50, 136, 96, seed=3)
-    y = int8_gemm(q, w, x_scale, w_scale, bias, "none", residual)
-    ref = int8_gemm_ref(q, w, x_scale, w_scale, bias, "none", residual)
-    if DEVICE.type == "cpu":
-        torch.testing.assert_close(y, ref, atol=0, rtol=0)
-    else:
-        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-6)
+    for K in (136, 144):  # the tiled kernel, the persistent one
+        q, w, x_scale, w_scale, bias, residual = _operands(50, K, 96, seed=3)
+        y = int8_gemm(q, w, x_scale, w_scale, bias, "none", residual)
+        ref = int8_gemm_ref(q, w, x_scale, w_scale, bias, "none", residual)
+        if DEVICE.type == "cpu":
+            torch.testing.assert_close(y, ref, atol=0, rtol=0)
+        else:
+            torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-6)
 
 
 def test_broadcast_per_tensor_scale_and_strided_operands():
@@ -125,23 +134,68 @@ def test_non_finite_rows_stay_local():
     torch.testing.assert_close(y[keep], ref, atol=1e-5, rtol=1e-5)
 
 
+# Every tile a GPU can compile: BLOCK_K >= 32 (8-bit dots), powers of two; ragged M, N, K under each.
 TILES = (
     {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1},
     {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8},
+    {"kernel": "persistent", "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "EPILOGUE_SUBTILE": 4, "GROUP_M": 2},
+    {"kernel": "persistent", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "EPILOGUE_SUBTILE": 2, "GROUP_M": 1},
+    {"kernel": "persistent", "BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 128, "EPILOGUE_SUBTILE": 1, "GROUP_M": 8},
 )
 
 
+def _tile_id(c):
+    return f"{c.get('kernel', 'tiled')}-{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}g{c['GROUP_M']}s{c.get('EPILOGUE_SUBTILE', 1)}"
+
+
 @ignore_fp_warnings
-@pytest.mark.parametrize("config", TILES, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}g{c['GROUP_M']}")
-def test_other_tiles_and_group_orders(config):
-    # Ragged edges in M, N and K under several tilings and tile orders: still the exact sums.
-    q, w, x_scale, w_scale, bias, residual = _operands(197, 136, 96)
-    y = int8_gemm(q, w, x_scale, w_scale, bias, "gelu_tanh", residual, out=poisoned((197, 96), torch.float32), config=config)
-    default = int8_gemm(q, w, x_scale, w_scale, bias, "gelu_tanh", residual)
+@pytest.mark.parametrize("config", TILES, ids=_tile_id)
+@pytest.mark.parametrize("out_dtype", (torch.float32, torch.bfloat16))
+def test_other_tiles_and_group_orders(config, out_dtype):
+    # Ragged edges in M, N and K under several tilings, tile orders and epilogue subtiles: the same
+    # output bit for bit (exact sums, element-wise epilogue), whichever kernel computes it.
+    q, w, x_scale, w_scale, bias, residual = _operands(197, 144, 200)
+    residual = residual.to(out_dtype)
+    y = int8_gemm(q, w, x_scale, w_scale, bias, "gelu_tanh", residual, out_dtype, out=poisoned((197, 200), out_dtype),
+                  config=config)
+    default = int8_gemm(q, w, x_scale, w_scale, bias, "gelu_tanh", residual, out_dtype,
+                        config={"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})
     torch.testing.assert_close(y, default, atol=0, rtol=0)
+
+
+def test_config_is_validated():
+    q, w, x_scale, w_scale, *_ = _operands(13, 48, 40)
     with pytest.raises(ValueError, match="config needs"):
         int8_gemm(q, w, x_scale, w_scale, config={"BLOCK_M": 16})
+    with pytest.raises(ValueError, match=r"BLOCK_K must be >= 32 \(8-bit tl.dot"):
+        int8_gemm(q, w, x_scale, w_scale, config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
+    with pytest.raises(ValueError, match="power of two"):
+        int8_gemm(q, w, x_scale, w_scale, config={"BLOCK_M": 48, "BLOCK_N": 16, "BLOCK_K": 32})
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        int8_gemm(q, w, x_scale, w_scale, config={"kernel": "split-k", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32})
+    q2, w2, x2, ws2, *_ = _operands(13, 24, 40)  # K = 24 bytes: not a TMA row
+    with pytest.raises(ValueError, match="TMA-compatible"):
+        int8_gemm(q2, w2, x2, ws2, config={"kernel": "persistent", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32})
+
+
+def test_every_gpu_candidate_is_a_tile_the_gpu_compiles():
+    # what the tuner may launch: wgmma-sized (>= 64 rows), 8-bit dots with BLOCK_K >= 32, a CTA claim
+    for cfg in gpu_configs():
+        assert cfg["BLOCK_M"] >= 64 and cfg["BLOCK_K"] >= 32 and cfg["CTAS_PER_SM"] in (1, 2), cfg
+    assert all(c["BLOCK_M"] <= 64 for c in gpu_configs(M=50))  # batch 1: no 128-row tiles
+    assert not any(c["kernel"] == "persistent" for c in gpu_configs(M=5000, tma=False))
+
+
+def test_weight_layout_and_tma_eligibility():
+    q, w, x_scale, w_scale, *_ = _operands(50, 48, 40)
+    out = torch.empty(50, 40, device=DEVICE)
+    assert weight_layout(w) == "k-major" and weight_layout(w.t().contiguous().t()) == "strided"
+    assert tma_compatible(q, w, out, None)
+    assert not tma_compatible(q, w.t().contiguous().t(), out, None)  # N-major weight
+    assert not tma_compatible(q[:, 1:], w[:, 1:], out, None)  # 47-byte rows
+    assert tma_compatible(q, w, out[:, :39], None)  # a column slice keeps 16-byte rows
+    assert not tma_compatible(q, w, out[:, 1:], None)  # base 4 bytes off
 
 
 def test_empty_problems():
@@ -207,13 +261,18 @@ def test_vit_b_shapes_on_gpu(M, K, N):
 
 @gpu
 def test_every_autotune_candidate_on_gpu():
-    # exact sums on a ragged problem, the fused epilogue on a ViT-B one, under every candidate tile
-    q, w, *_ = _operands(197, 136, 96)
-    ones = torch.ones(197, device=DEVICE), torch.ones(96, device=DEVICE)
-    exact = int8_gemm_ref(q, w, *ones)
+    # exact sums on ragged problems (K = 136 is no TMA row: the tiled kernel only; 144 takes both),
+    # the fused epilogue on a ViT-B one, under every candidate tile
+    for (M, K, N), tma in (((197, 136, 96), False), ((197, 144, 200), True)):
+        q, w, *_ = _operands(M, K, N)
+        ones = torch.ones(M, device=DEVICE), torch.ones(N, device=DEVICE)
+        exact = int8_gemm_ref(q, w, *ones)
+        for config in gpu_configs(tma=tma):
+            out = poisoned((M, N), torch.float32)
+            torch.testing.assert_close(int8_gemm(q, w, *ones, out=out, config=config), exact, atol=0, rtol=0,
+                                       msg=str(config))
     q2, wq_t2, x_scale, w_scale, bias, residual = _operands(1000, 768, 2304)
     ref = int8_gemm_ref(q2, wq_t2, x_scale, w_scale, bias, "gelu", residual, torch.float16)
     for config in gpu_configs():
-        torch.testing.assert_close(int8_gemm(q, w, *ones, config=config), exact, atol=0, rtol=0, msg=str(config))
         y = int8_gemm(q2, wq_t2, x_scale, w_scale, bias, "gelu", residual, torch.float16, config=config)
         torch.testing.assert_close(y, ref, atol=2e-3, rtol=2e-3, msg=str(config))

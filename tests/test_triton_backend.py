@@ -158,20 +158,36 @@ def test_vit_b_32_on_gpu_matches_torch_backend():
     assert cosine(tri(images), ref(images)).min().item() > 0.999
 
 
-def test_kernels_compile_for_hopper_without_a_gpu():
-    """The interpreter does not compile: lower one variant of each kernel to sm_90 through ptxas
-    (``scripts/compile_check.py``; without ``--quick`` it covers every variant the package launches)."""
+def _compile_check(*args):
     import subprocess
     import sys
     from pathlib import Path
 
     pytest.importorskip("triton.backends.nvidia.compiler")
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, str(root / "scripts" / "compile_check.py"), "--quick", "--jobs", "2"],
-        capture_output=True, text=True, timeout=300, cwd=root,
-    )
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "compile_check.py"), *args, "--jobs", "2"],
+                          capture_output=True, text=True, timeout=600, cwd=root)
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("no ptxas in this Triton install")
+    return proc
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter does not compile: lower one variant of each kernel (both INT8 GEMMs) to sm_90 through
+    ptxas and read the cubin (``scripts/compile_check.py``; without ``--quick`` it covers every variant the
+    package launches): wgmma, 16-byte cp.async or TMA operand loads, no spills, shared memory within the SM."""
+    proc = _compile_check("--quick")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "4 variants compiled, all fine" in proc.stdout
+    assert "5 variants compiled, all fine" in proc.stdout
+    gemm = [line for line in proc.stdout.splitlines() if " int8_gemm " in line]
+    assert len(gemm) == 2 and all("IGMMA=" in line for line in gemm)
+    assert any("tma=" in line and "UTMALDG=" in line for line in gemm)  # the persistent kernel
+    assert any("cp.async=" in line and "x[16]B" in line for line in gemm)  # the tiled kernel
+
+
+def test_compile_check_flags_known_bad_variants():
+    """Each check fires on a variant built to fail it: an N-major weight (operand through registers), a
+    strided q (byte loads), a 32-row tile (no wgmma), a spilling epilogue, a false CTA claim, too much smem."""
+    proc = _compile_check("--self-test")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "6 known-bad variants, all flagged" in proc.stdout

@@ -11,18 +11,25 @@ Shapes and dtypes: ``h[B, T, D]`` float (fp32/fp16/bf16), ``ln_weight[D]``, ``ln
 ``z[B, E]`` fp32. Every row is computed on its own (no batch-dependent blocking), so a
 sample's exit decision never depends on the batch it shares.
 
-Triton kernel: one program per sample, everything in fp32.
+Triton kernel: one program per ``BLOCK_B = 16`` samples, everything in fp32, so that ``proj`` and
+``text`` are read once per 16 samples instead of once per sample:
 
-1. pool: ``BLOCK_T x BLOCK_D`` tiles of ``h[b, 1:, :]`` summed into a tile accumulator, reduced
-   over tokens once at the end (``BLOCK_D = next_pow2(D)``, the whole width in registers);
-2. LayerNorm of the pooled row in registers;
-3. projection in ``BLOCK_E`` column slices of ``proj`` (``BLOCK_D x BLOCK_E`` tiles); the
-   unnormalised slices go to ``z``'s row (the program's own scratch) with their sum of squares;
-4. the row is read back whole (``next_pow2(E)``), normalised, stored, and multiplied with
-   ``BLOCK_C x E`` slices of ``text``.
+1. pool, in ``BLOCK_DC`` column chunks: ``h[rows, t, chunk]`` summed over ``t = 1..T-1`` in order;
+   the pooled chunk goes to a scratch ``[B, D]`` (the program's own rows) with its row sums;
+2. LayerNorm: mean from the row sums, variance by a second pass over the scratch, the normalised
+   row written back;
+3. projection as a ``[BLOCK_B, D] @ [D, E]`` product: ``BLOCK_E`` output columns at a time,
+   summed over ``BLOCK_DK`` slices of D in order, each slice a broadcast product reduced along
+   its K axis; the unnormalised slices parked in ``z`` with each row's sum of squares; then
+   ``z`` normalised in place;
+4. logits ``[BLOCK_B, E] @ text^T`` in ``BLOCK_C`` class slices, the same way.
 
-Block sizes depend on ``D``, ``E`` and ``C`` only, never on ``B``. The float results match the
-reference to rounding (summation order differs).
+Every reduction runs in a fixed order along one row and the tile shapes depend on ``D``, ``E``,
+``C`` only, never on ``B``; a row's partial sums never meet another row's. So a sample's logits
+are bit-identical whatever batch it is in, and wherever it sits in its tile. (``tl.dot`` would
+be that on the GPU too, but Triton's interpreter runs it through BLAS, whose rounding depends on
+a row's position in the tile, and the CPU tests could not show the property.) The float results
+match the reference to rounding (summation order differs).
 """
 
 from __future__ import annotations
@@ -35,8 +42,15 @@ from ._launch import FLOAT_DTYPES, check_device, check_out, check_tensor, next_p
 from ._triton import tl, triton
 
 POOLS = ("patch_mean", "cls")
-TILE_ELEMENTS = 4096  # fp32 values per register tile of one program
+BLOCK_B = 16  # samples per program
+HEAD_WARPS = 4
 MAX_WIDTH = 8192
+
+
+def head_blocks(D: int, E: int, C: int) -> dict:
+    """The kernel's tile sizes: functions of the widths only (never of the batch)."""
+    return dict(BLOCK_B=BLOCK_B, BLOCK_DC=min(256, next_pow2(D)), BLOCK_DK=min(16, next_pow2(D)),
+                BLOCK_E=min(32, next_pow2(E)), BLOCK_EK=min(16, next_pow2(E)), BLOCK_C=min(32, next_pow2(C)))
 
 
 def exit_head_ref(
@@ -73,9 +87,11 @@ def _exit_head_kernel(
     ln_bias_ptr,
     proj_ptr,
     text_ptr,
+    scratch_ptr,
     logits_ptr,
     z_ptr,
     # sizes
+    B,
     T,
     D,
     E,
@@ -90,6 +106,8 @@ def _exit_head_kernel(
     stride_pe,
     stride_tc,
     stride_te,
+    stride_sb,
+    stride_sd,
     stride_ob,
     stride_zb,
     # scalars
@@ -100,81 +118,100 @@ def _exit_head_kernel(
     HAS_LN_WEIGHT: tl.constexpr,
     HAS_LN_BIAS: tl.constexpr,
     HAS_PROJ: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_DC: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
     BLOCK_E: tl.constexpr,
-    BLOCK_E_ROW: tl.constexpr,
+    BLOCK_EK: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    h_row = h_ptr + b * stride_hb
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows = rows.to(tl.int64)
+    h_rows = h_ptr + rows[:, None] * stride_hb
+    s_rows = scratch_ptr + rows[:, None] * stride_sb
+    z_rows = z_ptr + rows[:, None] * stride_zb
+    dc = tl.arange(0, BLOCK_DC)
 
-    # 1. pool
-    if PATCH_MEAN:
-        t = tl.arange(0, BLOCK_T)
-        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-        for t0 in range(1, T, BLOCK_T):
-            tt = t0 + t
-            mask = (tt < T)[:, None] & d_ok[None, :]
-            tile = tl.load(h_row + tt[:, None] * stride_ht + d[None, :] * stride_hd, mask=mask, other=0.0)
-            acc += tile.to(tl.float32)
-        m = tl.sum(acc, axis=0) / (T - 1)
-    else:
-        m = tl.load(h_row + d * stride_hd, mask=d_ok, other=0.0).to(tl.float32)
+    # 1. pool, chunk by chunk, into the scratch rows; row sums for the LayerNorm mean
+    row_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_DC):
+        cols = d0 + dc
+        mask = row_ok[:, None] & (cols < D)[None, :]
+        if PATCH_MEAN:
+            acc = tl.zeros((BLOCK_B, BLOCK_DC), dtype=tl.float32)
+            for t in range(1, T):
+                acc += tl.load(h_rows + t * stride_ht + cols[None, :] * stride_hd, mask=mask, other=0.0).to(tl.float32)
+            m = acc / (T - 1)
+        else:
+            m = tl.load(h_rows + cols[None, :] * stride_hd, mask=mask, other=0.0).to(tl.float32)
+        row_sum += tl.sum(m, axis=1)
+        tl.store(s_rows + cols[None, :] * stride_sd, m, mask=mask)
+    mean = row_sum / D
 
-    # 2. LayerNorm
-    mean = tl.sum(m, axis=0) / D
-    mc = tl.where(d_ok, m - mean, 0.0)
-    var = tl.sum(mc * mc, axis=0) / D
-    n = mc * tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
-    if HAS_LN_WEIGHT:
-        n = n * tl.load(ln_weight_ptr + d * stride_lw, mask=d_ok, other=0.0)
-    if HAS_LN_BIAS:
-        n = n + tl.load(ln_bias_ptr + d * stride_lb, mask=d_ok, other=0.0)
-    n = tl.where(d_ok, n, 0.0)
+    # 2. LayerNorm: two-pass variance over the scratch, then the normalised rows in its place
+    tl.debug_barrier()
+    row_var = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_DC):
+        cols = d0 + dc
+        mask = row_ok[:, None] & (cols < D)[None, :]
+        mc = tl.where(mask, tl.load(s_rows + cols[None, :] * stride_sd, mask=mask, other=0.0) - mean[:, None], 0.0)
+        row_var += tl.sum(mc * mc, axis=1)
+    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(row_var / D + eps))
+    tl.debug_barrier()
+    for d0 in range(0, D, BLOCK_DC):
+        cols = d0 + dc
+        mask = row_ok[:, None] & (cols < D)[None, :]
+        n = (tl.load(s_rows + cols[None, :] * stride_sd, mask=mask, other=0.0) - mean[:, None]) * rstd[:, None]
+        if HAS_LN_WEIGHT:
+            n = n * tl.load(ln_weight_ptr + cols * stride_lw, mask=cols < D, other=0.0)[None, :]
+        if HAS_LN_BIAS:
+            n = n + tl.load(ln_bias_ptr + cols * stride_lb, mask=cols < D, other=0.0)[None, :]
+        tl.store(s_rows + cols[None, :] * stride_sd, n, mask=mask)
+    tl.debug_barrier()
 
-    # 3. projection (unnormalised row parked in z) and its squared norm
-    z_row = z_ptr + b * stride_zb
-    j = tl.arange(0, BLOCK_E_ROW)
-    j_ok = j < E
-    if HAS_PROJ:
-        je = tl.arange(0, BLOCK_E)
-        sumsq = tl.zeros((BLOCK_E,), dtype=tl.float32)
-        for e0 in range(0, E, BLOCK_E):
-            cols = e0 + je
-            c_ok = cols < E
-            w = tl.load(
-                proj_ptr + d[:, None] * stride_pd + cols[None, :] * stride_pe,
-                mask=d_ok[:, None] & c_ok[None, :],
-                other=0.0,
-            )
-            e_slice = tl.sum(n[:, None] * w, axis=0)
-            sumsq += e_slice * e_slice
-            tl.store(z_row + cols, e_slice, mask=c_ok)
-        norm = tl.sqrt_rn(tl.sum(sumsq, axis=0))
-        tl.debug_barrier()  # the slices were written by other threads of this program
-        e = tl.load(z_row + j, mask=j_ok, other=0.0)
-    else:
-        e = n  # E == D, BLOCK_E_ROW == BLOCK_D
-        norm = tl.sqrt_rn(tl.sum(n * n, axis=0))
-    z = e / tl.maximum(norm, 1e-12)
-    tl.debug_barrier()  # every thread has read its part of the scratch row before it is overwritten
-    tl.store(z_row + j, z, mask=j_ok)
+    # 3. projection [BLOCK_B, D] @ proj[D, E] (or the normalised rows themselves), unnormalised into z
+    je = tl.arange(0, BLOCK_E)
+    sumsq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        cols = e0 + je
+        c_ok = cols < E
+        if HAS_PROJ:
+            dk = tl.arange(0, BLOCK_DK)
+            e = tl.zeros((BLOCK_B, BLOCK_E), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_DK):
+                kk = d0 + dk
+                a = tl.load(s_rows + kk[None, :] * stride_sd, mask=row_ok[:, None] & (kk < D)[None, :], other=0.0)
+                w = tl.load(proj_ptr + kk[:, None] * stride_pd + cols[None, :] * stride_pe,
+                            mask=(kk < D)[:, None] & c_ok[None, :], other=0.0)
+                e += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
+        else:  # E == D
+            e = tl.load(s_rows + cols[None, :] * stride_sd, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        sumsq += tl.sum(e * e, axis=1)
+        tl.store(z_rows + cols[None, :], e, mask=row_ok[:, None] & c_ok[None, :])
+    norm = tl.maximum(tl.sqrt_rn(sumsq), 1e-12)
+    tl.debug_barrier()
+    for e0 in range(0, E, BLOCK_E):
+        cols = e0 + je
+        mask = row_ok[:, None] & (cols < E)[None, :]
+        tl.store(z_rows + cols[None, :], tl.load(z_rows + cols[None, :], mask=mask, other=0.0) / norm[:, None],
+                 mask=mask)
+    tl.debug_barrier()
 
-    # 4. cosine logits
-    c = tl.arange(0, BLOCK_C)
+    # 4. cosine logits [BLOCK_B, E] @ text^T, BLOCK_C classes at a time
+    jc = tl.arange(0, BLOCK_C)
+    ek = tl.arange(0, BLOCK_EK)
     for c0 in range(0, C, BLOCK_C):
-        rows = c0 + c
-        r_ok = rows < C
-        txt = tl.load(
-            text_ptr + rows[:, None] * stride_tc + j[None, :] * stride_te,
-            mask=r_ok[:, None] & j_ok[None, :],
-            other=0.0,
-        )
-        logit = tl.sum(txt * z[None, :], axis=1) * logit_scale
-        tl.store(logits_ptr + b * stride_ob + rows, logit, mask=r_ok)
+        cls = c0 + jc
+        acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+        for e0 in range(0, E, BLOCK_EK):
+            kk = e0 + ek
+            zz = tl.load(z_rows + kk[None, :], mask=row_ok[:, None] & (kk < E)[None, :], other=0.0)
+            tt = tl.load(text_ptr + cls[:, None] * stride_tc + kk[None, :] * stride_te,
+                         mask=(cls < C)[:, None] & (kk < E)[None, :], other=0.0)
+            acc += tl.sum(zz[:, None, :] * tt[None, :, :], axis=2)
+        tl.store(logits_ptr + rows[:, None] * stride_ob + cls[None, :], acc * logit_scale,
+                 mask=row_ok[:, None] & (cls < C)[None, :])
 
 
 def exit_head(
@@ -215,8 +252,7 @@ def exit_head(
     if isinstance(logit_scale, torch.Tensor):
         logit_scale = float(logit_scale)
     device = check_device(op, {"h": h, "ln_weight": ln_weight, "ln_bias": ln_bias, "proj": proj, "text": text})
-    BLOCK_D, BLOCK_E_ROW = next_pow2(D), next_pow2(E)
-    if max(BLOCK_D, BLOCK_E_ROW) > MAX_WIDTH:
+    if max(D, E) > MAX_WIDTH:
         raise ValueError(f"exit_head: widths above {MAX_WIDTH} are not supported (D={D}, E={E})")
 
     if out is not None:
@@ -231,19 +267,18 @@ def exit_head(
     if B == 0:
         return logits, z
 
-    BLOCK_T = max(1, min(next_pow2(max(T - 1, 1)), TILE_ELEMENTS // BLOCK_D))
-    # proj slices at least 8 columns (32-byte row segments), up to twice the usual tile
-    BLOCK_E = max(1, min(BLOCK_E_ROW, max(8, 2 * TILE_ELEMENTS // BLOCK_D)))
-    BLOCK_C = max(1, min(next_pow2(C), TILE_ELEMENTS // BLOCK_E_ROW))
+    scratch = torch.empty((B, D), dtype=torch.float32, device=device)  # pooled, then normalised rows
     dummy = text
-    _exit_head_kernel[(B,)](
+    _exit_head_kernel[(triton.cdiv(B, BLOCK_B),)](
         h,
         ln_weight if ln_weight is not None else dummy,
         ln_bias if ln_bias is not None else dummy,
         proj if proj is not None else dummy,
         text,
+        scratch,
         logits,
         z,
+        B,
         T,
         D,
         E,
@@ -257,6 +292,8 @@ def exit_head(
         proj.stride(1) if proj is not None else 0,
         text.stride(0),
         text.stride(1),
+        scratch.stride(0),
+        scratch.stride(1),
         logits.stride(0),
         z.stride(0),
         float(eps),
@@ -265,11 +302,7 @@ def exit_head(
         HAS_LN_WEIGHT=ln_weight is not None,
         HAS_LN_BIAS=ln_bias is not None,
         HAS_PROJ=proj is not None,
-        BLOCK_T=BLOCK_T,
-        BLOCK_D=BLOCK_D,
-        BLOCK_E=BLOCK_E,
-        BLOCK_E_ROW=BLOCK_E_ROW,
-        BLOCK_C=BLOCK_C,
-        num_warps=8 if BLOCK_D >= 1024 else 4,
+        **head_blocks(D, E, C),
+        num_warps=HEAD_WARPS,
     )
     return logits, z

@@ -37,6 +37,16 @@ TILE_ELEMENTS = 4096
 MAX_WIDTH = 8192
 
 
+def gate_blocks(C: int, T: int, D: int) -> dict:
+    """Tile sizes and warps of a launch: functions of ``C``, ``T``, ``D`` only, never of the batch.
+
+    Four warps up to 1024 channels: with eight, a 4 x 1024 fp16 tile spilled 8 bytes on sm_90
+    (scripts/compile_check.py)."""
+    block_d = next_pow2(D)
+    return dict(BLOCK_C=min(next_pow2(C), 1024), BLOCK_T=max(1, min(next_pow2(T - 1), TILE_ELEMENTS // block_d)),
+                BLOCK_D=block_d, num_warps=4 if block_d <= 1024 else 8)
+
+
 def gate_features_ref(logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Pure-torch reference: ``[B, 3]`` fp32 ``(confidence, margin, spatial variance)``."""
     p = torch.softmax(logits.float(), dim=-1)
@@ -165,8 +175,6 @@ def gate_features(logits: torch.Tensor, h: torch.Tensor, *, out: torch.Tensor | 
         out = torch.empty((B, N_FEATURES), dtype=torch.float32, device=device)
     if B == 0:
         return out
-    BLOCK_C = min(next_pow2(C), 1024)
-    BLOCK_T = max(1, min(next_pow2(T - 1), TILE_ELEMENTS // BLOCK_D))
     _gate_features_kernel[(B,)](
         logits,
         h,
@@ -181,9 +189,6 @@ def gate_features(logits: torch.Tensor, h: torch.Tensor, *, out: torch.Tensor | 
         h.stride(2),
         out.stride(0),
         out.stride(1),
-        BLOCK_C=BLOCK_C,
-        BLOCK_T=BLOCK_T,
-        BLOCK_D=BLOCK_D,
-        num_warps=8 if BLOCK_D >= 1024 else 4,
+        **gate_blocks(C, T, D),
     )
     return out

@@ -11,11 +11,20 @@ Shapes and dtypes: ``q[M, K]`` int8, ``w[N, K]`` int8 (``nn.Linear``'s layout: K
 ``bias[N]`` fp32, ``residual[M, N]`` float.
 
 ``int8_gemm_ref`` is the contract and the CPU path (``torch._int_mm``: oneDNN VNNI on x86);
-``int8_gemm`` is the Triton kernel: ``BLOCK_M x BLOCK_N`` output tiles, int8 ``tl.dot`` into an
-int32 accumulator over ``BLOCK_K`` slices of ``K``, the epilogue in fp32 registers, one store.
-Tiles are visited in groups of ``GROUP_M`` rows of tiles so that consecutive programs share
-``wq_t`` column panels in L2. The integer sums are exact and the epilogue is element-wise, so
-a row's output never depends on the tile configuration or on the other rows of the batch.
+``int8_gemm`` launches one of two Triton kernels, both reading ``q`` and ``w`` K-major (what int8
+``wgmma`` wants for both operands):
+
+- ``tiled`` (this file): one program per ``BLOCK_M x BLOCK_N`` output tile, in grouped order;
+  ``BLOCK_K`` slices of ``q`` and ``w`` (rows ``% M`` / ``% N``, so no clamp breaks the
+  contiguity facts, with ``max_contiguous(multiple_of(...))`` hints), int8 ``tl.dot`` into an
+  int32 accumulator, the epilogue in fp32 registers, one masked store;
+- ``persistent`` (``int8_gemm_persistent.py``): a grid of ``CTAS_PER_SM x SMs`` programs walks
+  the tiles, TMA descriptors for the operands, the residual and the output, the epilogue in
+  subtiles while the next tile's loads are in flight.
+
+Which kernel and tile shape a launch uses is tuned per (M bucket, N, K, weight layout, epilogue)
+and persisted (``_tuning.py``). The integer sums are exact and the epilogue is element-wise, so a
+row's output never depends on the kernel, the tile shape or on the other rows of the batch.
 
 Activations (fp32): ``gelu(y) = 0.5 y (1 + erf(y / sqrt 2))``;
 ``gelu_tanh(y) = y * sigmoid(2 sqrt(2/pi) (y + 0.044715 y^3))`` (the same function as
@@ -29,11 +38,15 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._launch import FLOAT_DTYPES, check_device, check_out, check_tensor, interpreting, next_pow2
+from . import _tuning
+from ._gemm_common import ACT_CODES, ACTIVATIONS, _activate, _grouped_tile
+from ._launch import FLOAT_DTYPES, check_device, check_out, check_tensor, interpreting
 from ._triton import tl, triton
+from .int8_gemm_persistent import INTERPRETER_PERSISTENT, PERSISTENT_CONFIGS, launch_persistent, tma_compatible
 
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu")
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNELS = ("tiled", "persistent")
+GROUP_M = 8
 
 
 def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
@@ -93,61 +106,87 @@ def int8_gemm_ref(
     return y.to(out_dtype)
 
 
-# ---------------------------------------------------------------------------------- Triton
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Int8 tiles are half the bytes of fp16
-# ones, so BLOCK_K = 128 keeps 128-byte rows; the largest tiles (128x256x128, 3 stages) use
-# 144 KiB of shared memory, within the 227 KiB of an H100/H200 SM (Triton compiles them to
-# wgmma on sm_90). The 64- and 32-row tiles serve batch 1 (M = 50 for ViT-B/32) and the
-# compacted batches of late exits. Few candidates: each costs a compile (2-5 s) per variant.
-_GPU_CONFIGS = (
-    (128, 256, 128, 3, 8),
-    (256, 128, 128, 3, 8),
-    (128, 128, 128, 4, 8),
-    (128, 256, 64, 4, 8),
-    (64, 256, 128, 3, 4),
-    (64, 128, 128, 4, 4),
-    (32, 64, 128, 4, 4),
+# ---------------------------------------------------------------------------------- configs
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, CTAS_PER_SM). Int8 tiles are half the bytes of
+# fp16 ones, so BLOCK_K = 128 keeps 128-byte rows. Every tile is at least 64 rows (one wgmma
+# warpgroup) and BLOCK_K >= 32 (Triton's 8-bit dots need it on NVIDIA). CTAS_PER_SM is what fits
+# on an H100/H200 SM (registers and shared memory), a claim scripts/compile_check.py verifies; with
+# two, one CTA's epilogue overlaps the other's main loop. The whole-tile epilogue of larger tiles
+# spills (128 x 256: 255 registers); those shapes are left to the persistent kernel's subtiles.
+TILED_CONFIGS = (
+    (128, 128, 128, 3, 8, 1),
+    (128, 64, 128, 4, 4, 2),
+    (64, 128, 128, 4, 4, 2),  # batch 1 (M = 50) and compacted exits
+    (64, 64, 128, 4, 4, 2),  # small M and N
 )
-# Under the interpreter: one config (autotuning needs a GPU); large tiles mean fewer programs.
-_INTERPRETER_CONFIG = (64, 64, 64, 1, 4)
-# With LRA_TRITON_AUTOTUNE=0 (set before import): one of the candidates on GPU too, for quick
-# test runs that would otherwise tune every shape they touch.
-_DEFAULT_GPU_CONFIG = (64, 128, 128, 4, 4)
-GROUP_M = 8
+# Under the interpreter: one tile (autotuning needs a GPU); large tiles mean fewer programs.
+INTERPRETER_TILED = (64, 64, 64, 1, 4, 1)
+# With LRA_TRITON_AUTOTUNE=0 (and where no timing may run and nothing is tuned): by M.
+DEFAULT_SMALL_M = TILED_CONFIGS[2]
 
 
 def autotune_enabled() -> bool:
     return os.environ.get("LRA_TRITON_AUTOTUNE", "1") not in ("", "0")
 
 
-def _configs() -> list:
-    if interpreting():
-        table = (_INTERPRETER_CONFIG,)
-    else:
-        table = _GPU_CONFIGS if autotune_enabled() else (_DEFAULT_GPU_CONFIG,)
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}, num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in table
-    ]
+def _tiled(bm, bn, bk, stages, warps, ctas) -> dict:
+    return {"kernel": "tiled", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M,
+            "num_stages": stages, "num_warps": warps, "CTAS_PER_SM": ctas}
 
 
-def _worth_trying(block_m: int, m_bucket: int) -> bool:
-    """Tiles far taller than the problem (batch 1) waste work; 32-row tiles only for small problems."""
-    return block_m <= max(64, m_bucket) and (m_bucket <= 256 or block_m >= 64)
+def _worth_trying(cfg: dict, bucket: int) -> bool:
+    """Tiles far taller than the problem (batch 1) waste work."""
+    return cfg["BLOCK_M"] <= max(64, bucket)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    if len(configs) <= 1:
-        return configs
-    kept = [c for c in configs if _worth_trying(c.kwargs["BLOCK_M"], named_args["M_BUCKET"])]
-    return kept or configs
+def gpu_configs(M: int | None = None, tma: bool = True) -> list[dict]:
+    """The tuner's GPU candidates as ``config=`` dicts; with ``M``, those it tries for that ``M``."""
+    cands = [_tiled(*c) for c in TILED_CONFIGS] + (list(PERSISTENT_CONFIGS) if tma else [])
+    return [dict(c) for c in cands if M is None or _worth_trying(c, _tuning.m_bucket(M))]
 
 
-_ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
+def default_config(M: int, tma: bool) -> dict:
+    """The untuned choice: the persistent kernel for large problems, a 64-row tile otherwise."""
+    if tma and M >= 1024:
+        return dict(PERSISTENT_CONFIGS[2])
+    return _tiled(*DEFAULT_SMALL_M)
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs})
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+def weight_layout(w: torch.Tensor) -> str:
+    """``"k-major"`` when each row of ``w[N, K]`` is contiguous (``nn.Linear``'s layout), else ``"strided"``."""
+    return "k-major" if w.stride(1) == 1 or w.shape[1] <= 1 else "strided"
+
+
+def _key(q, w, residual, out_dtype, activation, bias, tma) -> dict:
+    dev = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else q.device.type
+    M, K = q.shape
+    return {"op": "int8_gemm", "device": dev, "triton": getattr(triton, "__version__", "?"),
+            "m_bucket": _tuning.m_bucket(M), "N": w.shape[0], "K": K, "layout": weight_layout(w),
+            "q_layout": "k-major" if q.stride(1) == 1 or K <= 1 else "strided", "tma": tma,
+            "out": str(out_dtype)[6:], "residual": str(residual.dtype)[6:] if residual is not None else None,
+            "activation": activation, "bias": bias is not None}
+
+
+def _check_config(config: dict, tma: bool) -> dict:
+    cfg = {"kernel": "tiled", "GROUP_M": GROUP_M, "num_warps": 4, "num_stages": 2 if interpreting() else 3, **config}
+    missing = {"BLOCK_M", "BLOCK_N", "BLOCK_K"} - set(cfg)
+    if missing:
+        raise ValueError(f"int8_gemm: config needs {sorted(missing)}")
+    if cfg["kernel"] not in KERNELS:
+        raise ValueError(f"int8_gemm: config kernel must be one of {KERNELS}, got {cfg['kernel']!r}")
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        v = cfg[name]
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"int8_gemm: config {name} must be a power of two >= 16, got {v!r}")
+    if cfg["BLOCK_K"] < 32:
+        raise ValueError(f"int8_gemm: config BLOCK_K must be >= 32 (8-bit tl.dot on NVIDIA), got {cfg['BLOCK_K']}")
+    if cfg["kernel"] == "persistent" and not tma:
+        raise ValueError("int8_gemm: the persistent kernel needs TMA-compatible operands (sm_90+, K-major q and w, "
+                         "row strides and K multiples of 16 bytes)")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------- tiled kernel
 @triton.jit
 def _int8_gemm_kernel(
     # pointers
@@ -162,12 +201,11 @@ def _int8_gemm_kernel(
     M,
     N,
     K,
-    M_BUCKET,  # autotune key only: next_pow2(M), so that each batch size does not retune
     # strides
     stride_qm,
     stride_qk,
-    stride_wk,
     stride_wn,
+    stride_wk,
     stride_xs,
     stride_ws,
     stride_bias,
@@ -184,28 +222,23 @@ def _int8_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
+    K_MAJOR: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M tile-rows advance together along N, so a wq_t panel is reused
-    # from L2 by GROUP_M programs before it is evicted.
-    per_group = GROUP_M * tiles_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_in_group
-    pid_n = (pid % per_group) // rows_in_group
-
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # Rows/columns past the edge load a valid neighbour instead of being masked in the K loop;
-    # their results are never stored.
-    load_m = tl.minimum(offs_m, M - 1)
-    load_n = tl.minimum(offs_n, N - 1)
-    a_ptrs = q_ptr + load_m[:, None] * stride_qm + offs_k[None, :] * stride_qk
-    b_ptrs = w_ptr + offs_k[:, None] * stride_wk + load_n[None, :] * stride_wn
+    # Rows past the edge wrap (% M, % N) to valid rows instead of being masked in the K loop; their
+    # results are never stored. The hints restore what the modulo hides: runs of BLOCK_M (BLOCK_N)
+    # consecutive rows starting at a multiple of the block. They are only claimed for K-major
+    # operands, whose vectorised axis is K, never the wrapped one.
+    rm = offs_m % M
+    rn = offs_n % N
+    if K_MAJOR:
+        rm = tl.max_contiguous(tl.multiple_of(rm, BLOCK_M), BLOCK_M)
+        rn = tl.max_contiguous(tl.multiple_of(rn, BLOCK_N), BLOCK_N)
+    a_ptrs = q_ptr + rm.to(tl.int64)[:, None] * stride_qm + offs_k[None, :] * stride_qk
+    b_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
@@ -213,34 +246,85 @@ def _int8_gemm_kernel(
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
-            k_ok = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            k_ok = offs_k[None, :] < K - k0
+            a = tl.load(a_ptrs, mask=k_ok, other=0)
+            b = tl.load(b_ptrs, mask=k_ok, other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_qk
         b_ptrs += BLOCK_K * stride_wk
 
     # epilogue, fp32 in registers, in the reference's order
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    xs = tl.load(x_scale_ptr + load_m * stride_xs)
-    ws = tl.load(w_scale_ptr + load_n * stride_ws)
+    xs = tl.load(x_scale_ptr + rm * stride_xs)
+    ws = tl.load(w_scale_ptr + rn * stride_ws)
     y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
     if HAS_BIAS:
-        y = y + tl.load(bias_ptr + load_n * stride_bias)[None, :]
-    if ACTIVATION == 1:  # gelu (erf)
-        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-    elif ACTIVATION == 2:  # gelu (tanh approximation) = y * sigmoid(2u)
-        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-        y = y / (1.0 + tl.exp(-2.0 * u))
-    elif ACTIVATION == 3:  # quick_gelu
-        y = y / (1.0 + tl.exp(-1.702 * y))
-    mask = m_ok[:, None] & n_ok[None, :]
+        y = y + tl.load(bias_ptr + rn * stride_bias)[None, :]
+    y = _activate(y, ACTIVATION)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    row_m = offs_m.to(tl.int64)[:, None]
     if HAS_RESIDUAL:
-        r_ptrs = residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
+        r_ptrs = residual_ptr + row_m * stride_rm + offs_n[None, :] * stride_rn
         y = y + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
-    o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    o_ptrs = out_ptr + row_m * stride_om + offs_n[None, :] * stride_on
     tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_tiled(cfg, q, w, x_scale, w_scale, bias, residual, out, activation):
+    M, K = q.shape
+    N = w.shape[0]
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _int8_gemm_kernel[grid](
+        q, w, x_scale, w_scale,
+        bias if bias is not None else w_scale,
+        residual if residual is not None else out,
+        out,
+        M, N, K,
+        q.stride(0), q.stride(1), w.stride(0), w.stride(1),
+        x_scale.stride(0), w_scale.stride(0), bias.stride(0) if bias is not None else 0,
+        residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        ACTIVATION=ACT_CODES[activation],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        EVEN_K=K % cfg["BLOCK_K"] == 0,
+        K_MAJOR=weight_layout(w) == "k-major" and (q.stride(1) == 1 or K <= 1),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _launch(cfg, *args):
+    if cfg["kernel"] == "persistent":
+        launch_persistent(cfg, *args)
+    else:
+        _launch_tiled(cfg, *args)
+
+
+def _may_tune(device: torch.device) -> bool:
+    if interpreting() or not autotune_enabled() or device.type != "cuda":
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def choose_config(q, w, x_scale, w_scale, bias, activation, residual, out_dtype, out) -> tuple[dict, str]:
+    """The config a launch uses and how it was found (see ``_tuning.choose``)."""
+    tma = tma_compatible(q, w, out, residual)
+    if interpreting():
+        # the persistent TMA kernel wherever it applies, so that the CPU tests run both kernels
+        cfg = dict(INTERPRETER_PERSISTENT) if tma else _tiled(*INTERPRETER_TILED)
+        return cfg, "interpreter"
+    fields = _key(q, w, residual, out_dtype, activation, bias, tma)
+
+    def bench(cfg):
+        import triton.testing
+
+        scratch = torch.empty_like(out)
+        run = lambda: _launch(cfg, q, w, x_scale, w_scale, bias, residual, scratch, activation)  # noqa: E731
+        run()  # compile outside the timing
+        return triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median")
+
+    return _tuning.choose(_tuning.tune_cache(), fields, gpu_configs(q.shape[0], tma), bench,
+                          _may_tune(q.device), default_config(q.shape[0], tma))
 
 
 def int8_gemm(
@@ -259,9 +343,11 @@ def int8_gemm(
     """Triton fused INT8 GEMM with the contract of ``int8_gemm_ref`` (see the module docstring).
 
     ``out`` (optional): a caller buffer ``[M, N]`` of ``out_dtype`` to write into; it must not be
-    ``residual`` (autotuning runs the kernel more than once).
-    ``config`` (tests, benchmarks): bypass the autotuner with explicit ``BLOCK_M``, ``BLOCK_N``,
-    ``BLOCK_K`` (and optionally ``GROUP_M``, ``num_warps``, ``num_stages``).
+    ``residual`` (tuning runs the kernel more than once).
+    ``config`` (tests, benchmarks): bypass the tuner: ``kernel`` (``"tiled"``, default, or
+    ``"persistent"``), ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K`` (powers of two, ``BLOCK_K >= 32``) and
+    optionally ``GROUP_M``, ``num_warps``, ``num_stages`` (persistent: ``EPILOGUE_SUBTILE``,
+    ``CTAS_PER_SM``).
     """
     op = "int8_gemm"
     check_tensor(op, "q", q, dtypes=(torch.int8,), ndim=2, shape_hint="[M, K]")
@@ -269,7 +355,6 @@ def int8_gemm(
     M, K = q.shape
     check_tensor(op, "w", w, shape_hint=f"[N, K={K}] (q is [{M}, {K}])", sizes={1: K})
     N = w.shape[0]
-    wq_t = w.t()  # [K, N] view: the kernel indexes it through strides
     check_tensor(op, "x_scale", x_scale, dtypes=(torch.float32,), ndim=1, shape_hint=f"[M={M}]", sizes={0: M})
     check_tensor(op, "w_scale", w_scale, dtypes=(torch.float32,), ndim=1, shape_hint=f"[N={N}]", sizes={0: N})
     if bias is not None:
@@ -286,66 +371,24 @@ def int8_gemm(
     )
     check_out(op, out, (M, N), out_dtype, device)
     if out is not None and residual is not None and out.data_ptr() == residual.data_ptr():
-        raise ValueError("int8_gemm: out must not alias residual (the autotuner may launch the kernel more than once)")
+        raise ValueError("int8_gemm: out must not alias residual (tuning may launch the kernel more than once)")
     if out is None:
         out = torch.empty((M, N), dtype=out_dtype, device=device)
+    if config is not None:
+        config = _check_config(config, tma_compatible(q, w, out, residual))
     if M == 0 or N == 0:
         return out
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    kernel, meta = _int8_gemm_kernel, {}
-    if config is not None:
-        kernel = _int8_gemm_kernel.fn  # the heuristics-wrapped kernel, without the autotuner
-        meta = {"GROUP_M": GROUP_M, "num_warps": 4, "num_stages": 2 if interpreting() else 3, **config}
-        missing = {"BLOCK_M", "BLOCK_N", "BLOCK_K"} - set(meta)
-        if missing:
-            raise ValueError(f"int8_gemm: config needs {sorted(missing)}")
-    kernel[grid](
-        q,
-        wq_t,
-        x_scale,
-        w_scale,
-        bias if bias is not None else w_scale,
-        residual if residual is not None else out,
-        out,
-        M,
-        N,
-        K,
-        next_pow2(M),
-        q.stride(0),
-        q.stride(1),
-        wq_t.stride(0),
-        wq_t.stride(1),
-        x_scale.stride(0),
-        w_scale.stride(0),
-        bias.stride(0) if bias is not None else 0,
-        residual.stride(0) if residual is not None else 0,
-        residual.stride(1) if residual is not None else 0,
-        out.stride(0),
-        out.stride(1),
-        HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None,
-        ACTIVATION=_ACT_CODES[activation],
-        **meta,
-    )
+    if config is None:
+        config, _ = choose_config(q, w, x_scale, w_scale, bias, activation, residual, out_dtype, out)
+    _launch(config, q, w, x_scale, w_scale, bias, residual, out, activation)
     return out
 
 
-def gpu_configs(M: int | None = None) -> list[dict]:
-    """The autotuner's GPU candidates as ``config=`` dicts; with ``M``, those it tries for that ``M``."""
-    return [
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M, "num_stages": st, "num_warps": w}
-        for bm, bn, bk, st, w in _GPU_CONFIGS
-        if M is None or _worth_trying(bm, next_pow2(M))
-    ]
-
-
-def tuned_config(M: int, N: int, K: int) -> dict | None:
-    """The config the autotuner chose for a problem it has seen (None before, or when interpreting)."""
-    cache = getattr(_int8_gemm_kernel, "cache", {})
-    for key, cfg in cache.items():
-        if tuple(key[:3]) == (next_pow2(M), N, K):
-            return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    return None
+def tuned_config(q: torch.Tensor, w: torch.Tensor, bias=None, activation="none", residual=None,
+                 out_dtype=torch.float32) -> dict | None:
+    """The config the tuner holds for these operands (None before they were tuned or on CPU)."""
+    if q.device.type != "cuda":
+        return None
+    out = torch.empty((q.shape[0], w.shape[0]), device=q.device, dtype=out_dtype)
+    tma = tma_compatible(q, w, out, residual)
+    return _tuning.tune_cache().get(_key(q, w, residual, out_dtype, activation, bias, tma))

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <vector>
 
 #include "common.h"
@@ -59,7 +58,14 @@ void pack_weight(const int8_t* w, int64_t N, int64_t K, int8_t* packed, int32_t*
 // ------------------------------------------------------------------ micro-kernels
 // acc[r][0..64) = sum over the panel's K of codes(row r) . weights(column): raw u8 x s8 sums.
 // Written with one named accumulator per register (GCC keeps an array of vectors on the stack).
-#define LRA_ROW_DECL(r) __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0;
+#define LRA_ROW_DECL(r)                                                                 \
+  __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0; \
+  if (ACCUM && MR > r) {                                                                \
+    c##r##0 = _mm512_loadu_si512(acc + r * ldc);                                        \
+    c##r##1 = _mm512_loadu_si512(acc + r * ldc + 16);                                   \
+    c##r##2 = _mm512_loadu_si512(acc + r * ldc + 32);                                   \
+    c##r##3 = _mm512_loadu_si512(acc + r * ldc + 48);                                   \
+  }
 #define LRA_ROW_FMA(r)                                                   \
   if (MR > r) {                                                          \
     const __m512i a = _mm512_set1_epi32(*(const int32_t*)(A + r * lda + 4 * kk)); \
@@ -76,7 +82,7 @@ void pack_weight(const int8_t* w, int64_t N, int64_t K, int8_t* packed, int32_t*
     _mm512_storeu_si512(acc + r * ldc + 48, c##r##3);     \
   }
 
-template <int MR>
+template <int MR, bool ACCUM>
 static void ukernel_vnni(const uint8_t* __restrict A, int64_t lda, const int8_t* __restrict B, int64_t KQ,
                          int32_t* __restrict acc, int64_t ldc) {
   LRA_ROW_DECL(0) LRA_ROW_DECL(1) LRA_ROW_DECL(2) LRA_ROW_DECL(3) LRA_ROW_DECL(4) LRA_ROW_DECL(5)
@@ -93,8 +99,15 @@ static void ukernel_vnni(const uint8_t* __restrict A, int64_t lda, const int8_t*
 #undef LRA_ROW_STORE
 
 using UKernel = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int64_t);
-static const UKernel kVnni[7] = {nullptr,          ukernel_vnni<1>, ukernel_vnni<2>, ukernel_vnni<3>,
-                                 ukernel_vnni<4>, ukernel_vnni<5>, ukernel_vnni<6>};
+// [accumulate][rows]
+static const UKernel kVnni[2][7] = {
+    {nullptr, ukernel_vnni<1, false>, ukernel_vnni<2, false>, ukernel_vnni<3, false>, ukernel_vnni<4, false>,
+     ukernel_vnni<5, false>, ukernel_vnni<6, false>},
+    {nullptr, ukernel_vnni<1, true>, ukernel_vnni<2, true>, ukernel_vnni<3, true>, ukernel_vnni<4, true>,
+     ukernel_vnni<5, true>, ukernel_vnni<6, true>}};
+// K per pass of the VNNI kernel: a 384 x 64 slice of a weight panel (24 KiB) stays in L1 while every
+// micro-tile of the row block uses it.
+constexpr int64_t KCHUNK = 384;
 constexpr int VNNI_MR = 6;
 
 #if LRA_HAVE_AMX
@@ -197,8 +210,7 @@ void gemm(const GemmArgs& g) {
   const int64_t quantum = amx ? 32 : 6;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   // rows per block: the int32 scratch stays within ~384 KiB of L2
-  static const int64_t budget = std::getenv("LRA_CPU_SCRATCH") ? std::atoll(std::getenv("LRA_CPU_SCRATCH")) : 98304;
-  const int64_t mb_max = std::max<int64_t>(quantum, (budget / Np) / quantum * quantum);
+  const int64_t mb_max = std::max<int64_t>(quantum, (98304 / Np) / quantum * quantum);
   int64_t nblocks = (g.M + mb_max - 1) / mb_max;
   nblocks = std::min<int64_t>(round_up(nblocks, nth), (g.M + 7) / 8);  // even work, at least 8 rows each
   nblocks = std::max<int64_t>(nblocks, 1);
@@ -222,9 +234,12 @@ void gemm(const GemmArgs& g) {
           continue;
         }
 #endif
-        for (int64_t r0 = m0; r0 < m1; r0 += VNNI_MR) {
-          const int mr = (int)std::min<int64_t>(VNNI_MR, m1 - r0);
-          kVnni[mr](g.a + r0 * g.lda, g.lda, B, KQ, c + (r0 - m0) * Np, Np);
+        for (int64_t k0 = 0; k0 < g.Kp; k0 += KCHUNK) {
+          const int64_t kq = std::min<int64_t>(KCHUNK, g.Kp - k0) / 4;
+          for (int64_t r0 = m0; r0 < m1; r0 += VNNI_MR) {
+            const int mr = (int)std::min<int64_t>(VNNI_MR, m1 - r0);
+            kVnni[k0 > 0][mr](g.a + r0 * g.lda + k0, g.lda, B + (k0 / 4) * 256, kq, c + (r0 - m0) * Np, Np);
+          }
         }
       }
       for (int64_t m = m0; m < m1; ++m) epilogue_row(g, acc.data() + (m - m0) * Np, m, row.data(), lnbuf.data());

@@ -168,14 +168,14 @@ def table_rows(controls: dict, exit_layers: dict[str, list[int]] | None = None) 
     """The controls as rows of one table (report.md, README). ``exit_layers[scheme]``: the layers
     whose static-exit and oracle rows are shown (default: each scheme's policy layers, recorded)."""
     rows = []
-    for e in controls.get("rescued_minus_hurt_by_nsr", []):
-        rows.append(_row("early exit (LRA-EE)", e["scheme"], f"final NSR {100 * e['final_nsr']:.1f}%", e["acc_ee"],
-                         {"delta": e["rescued_minus_hurt"], "delta_ci95": e["ci95"], **e}, e["measured_by"],
-                         "full depth"))
     f = controls.get("fp32_early_exit") or {}
-    if "acc_ee" in f:
-        rows.append(_row("fp32_early_exit", "fp32", f"exits {f['exit_layers']}", f["acc_ee"], f,
-                         f"tau0 {f['tau0']:g}" + (" (no early exit)" if f["no_early_exit"] else ""), "FP32 full depth"))
+    for e in controls.get("rescued_minus_hurt_by_nsr", []):
+        note = e["measured_by"]
+        if e["scheme"] == "fp32" and "acc_ee" in f:  # the fp32_early_exit control
+            note += f"; exits {f['exit_layers']}, " + ("no early exit" if f["no_early_exit"] else f"tau0 {f['tau0']:g}")
+        rows.append(_row("early exit (LRA-EE)" if e["scheme"] != "fp32" else "fp32_early_exit", e["scheme"],
+                         f"final NSR {100 * e['final_nsr']:.1f}%", e["acc_ee"],
+                         {"delta": e["rescued_minus_hurt"], "delta_ci95": e["ci95"], **e}, note, "full depth"))
     for scheme, per in controls.get("static_exit", {}).items():
         shown = (exit_layers or {}).get(scheme) or per.get("policy_layers", [])
         for layer in shown:
@@ -188,7 +188,8 @@ def table_rows(controls: dict, exit_layers: dict[str, list[int]] | None = None) 
     for scheme, g in controls.get("random_gate", {}).items():
         d = {"delta": g["random_mean"], "delta_ci95": g["random_ci95"]}
         rows.append(_row("random_gate", scheme, "gate's histogram, random choice", None, d,
-                         f"gate {100 * g['gate_rescued_minus_hurt']:+.2f} pp, p = {g['p_value']:.3g}", "full depth"))
+                         f"the gate on the same tables {100 * g['gate_rescued_minus_hurt']:+.2f} pp, "
+                         f"p = {g['p_value']:.3g}", "full depth"))
     for scheme, h in controls.get("head_confound", {}).items():
         also = h.get("ee_rescued_also_by_patch_mean_at_depth")
         note = "" if also is None else f"{100 * also:.0f}% of EE-rescued also right"

@@ -156,7 +156,8 @@ def load_image_folder(root: str | Path, transform: Callable, class_names: Sequen
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"no data directory at {root}: expected an ImageFolder layout (root/<class>/<image>) or a folder of images")
+        raise DataError(f"no data directory at {root}: expected an ImageFolder layout (root/<class>/<image>) "
+                        f"or a folder of images")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if class_dirs:
         samples = [
@@ -249,7 +250,8 @@ def text_classifier(clip_model, tokenizer, class_names: Sequence[str], templates
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
     from safetensors.torch import load_file, save_file
 
-    key = hashlib.sha256(json.dumps([model_id, list(class_names), [_template_text(t) for t in templates]]).encode()).hexdigest()[:16]
+    ident = json.dumps([model_id, list(class_names), [_template_text(t) for t in templates]])
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"text-classifier-{key}.safetensors" if cache_dir else None
     if cache is not None and cache.is_file():
         return load_file(str(cache))["text_features"]

@@ -83,7 +83,8 @@ def fit_logistic(z: np.ndarray, y: np.ndarray, l2: float = 1e-3, max_iter: int =
     return theta[:-1], float(theta[-1]), it
 
 
-def train_gate(features: np.ndarray, correct: np.ndarray, use: tuple[int, ...] = (0, 1, 2), l2: float = 1e-3) -> GateFit:
+def train_gate(features: np.ndarray, correct: np.ndarray, use: tuple[int, ...] = (0, 1, 2),
+               l2: float = 1e-3) -> GateFit:
     """Fit one exit's gate on ``features[N, 3]`` and targets ``correct[N]`` using the feature
     columns in ``use`` (the others get weight 0: the feature-drop ablation)."""
     f = np.asarray(features, dtype=np.float64)

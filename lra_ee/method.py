@@ -31,7 +31,8 @@ def resolve_exit_layers(spec, depth: int) -> tuple[int, ...] | None:
     if spec == "paper":
         layers = PAPER_EXITS["ViT-B-32"]
         if depth != 12:
-            raise ValueError(f"the paper's exit preset (8, 10, 11) is for 12-block ViT-B/32, this tower has {depth} blocks")
+            raise ValueError(f"the paper's exit preset (8, 10, 11) is for 12-block ViT-B/32, "
+                             f"this tower has {depth} blocks")
         return layers
     if isinstance(spec, str):
         spec = [int(x) for x in spec.split(",") if x.strip()]
@@ -88,8 +89,9 @@ def policy_scores(policy: ExitPolicy, table: ExitTable) -> np.ndarray:
     exactly as the executor does (``ExitPolicy.gate_scores`` in fp32)."""
     t = table.restrict(policy.exit_layers)
     feats = torch.from_numpy(np.ascontiguousarray(t.features)).float()
-    return np.stack([policy.gate_scores(j, feats[j]).numpy() for j in range(len(policy.exit_layers))]) if policy.enabled \
-        else np.zeros((0, t.n))
+    if not policy.enabled:
+        return np.zeros((0, t.n))
+    return np.stack([policy.gate_scores(j, feats[j]).numpy() for j in range(len(policy.exit_layers))])
 
 
 def _choose_exits(acc: dict, nsr: dict, candidates, depth: int, inr_floor: float | None, max_exits: int):
@@ -132,7 +134,8 @@ def fit_policy(
     correct_all = table.correct(y)
     acc = {layer: float(correct_all[i].mean()) for i, layer in enumerate(table.layers)}
     nsr = {layer: float(nsr_per_layer[layer]) for layer in table.layers}
-    layers = resolve_exit_layers(exit_layers, depth) or _choose_exits(acc, nsr, table.exit_layers, depth, inr_floor, max_exits)
+    layers = (resolve_exit_layers(exit_layers, depth)
+              or _choose_exits(acc, nsr, table.exit_layers, depth, inr_floor, max_exits))
     t = table.restrict(layers)
     correct = t.correct(y)
     fits = [train_gate(t.features[j], correct[j], use=features) for j in range(len(layers))]
@@ -146,7 +149,10 @@ def fit_policy(
         taus = thresholds(tau, inr_exits, alpha)
         sim = simulate(t, scores, taus)
         acc_ee = float((sim.top5[:, 0] == y).mean())
-        saving = 1.0 - float(fm.per_sample(torch.from_numpy(sim.exit_layer), tuple(layers)).double().mean()) / full_flops if fm else 0.0
+        saving = 0.0
+        if fm:
+            per = fm.per_sample(torch.from_numpy(sim.exit_layer), tuple(layers)).double()
+            saving = 1.0 - float(per.mean()) / full_flops
         return taus, acc_ee, saving
 
     search = []
@@ -165,14 +171,16 @@ def fit_policy(
         tau0 = best[1]
     taus, acc_ee, saving = evaluate_tau0(float(tau0))
     no_exit = float(tau0) > 1.0
-    policy = _policy(fits, layers, taus, table.head, meta={"scheme": scheme, "alpha": alpha, "tau0": float(tau0),
-                                                             "target": target_kind, "features": [FEATURES[i] for i in features],
-                                                             "no_early_exit": no_exit})
+    meta = {"scheme": scheme, "alpha": alpha, "tau0": float(tau0), "target": target_kind,
+            "features": [FEATURES[i] for i in features], "no_early_exit": no_exit}
+    policy = _policy(fits, layers, taus, table.head, meta=meta)
     report = CalibrationReport(
         scheme=scheme, target=target_kind, n_calibration=table.n, candidate_layers=list(table.exit_layers),
-        acc_per_layer=acc, nsr_per_layer=nsr, inr_per_layer={layer: float(inr(acc[layer], nsr[layer])) for layer in table.layers},
+        acc_per_layer=acc, nsr_per_layer=nsr,
+        inr_per_layer={layer: float(inr(acc[layer], nsr[layer])) for layer in table.layers},
         exit_layers=list(layers), inr_per_exit=inr_exits.tolist(), features=[FEATURES[i] for i in features],
-        gates=[{"weight": f.weight.tolist(), "bias": f.bias, "feature_mean": f.mean.tolist(), "feature_std": f.std.tolist(),
+        gates=[{"weight": f.weight.tolist(), "bias": f.bias, "feature_mean": f.mean.tolist(),
+                "feature_std": f.std.tolist(),
                 "positive_rate": f.positive_rate, "log_loss": f.log_loss, "n": f.n} for f in fits],
         alpha=float(alpha), tau0=float(tau0), thresholds=[float(x) for x in taus], head=table.head,
         calib_acc_full=acc[depth], calib_acc_ee=acc_ee, calib_flops_saving=saving, flops_budget=flops_budget,
@@ -246,7 +254,8 @@ def quadrants_by_exit(ee_right: np.ndarray, full_right: np.ndarray, exit_layer: 
 
 def evaluate_outcomes(y: np.ndarray, ee_top5: np.ndarray, full_top5: np.ndarray, exit_layer: np.ndarray,
                       policy: ExitPolicy, arch, num_classes: int, *, target: str, fp32_top5: np.ndarray | None = None,
-                      n_boot: int = 2000, seed: int = 0, n_skipped: int = 0, measured_by: str = "simulation") -> EvalReport:
+                      n_boot: int = 2000, seed: int = 0, n_skipped: int = 0,
+                      measured_by: str = "simulation") -> EvalReport:
     """Accuracy, quadrants, statistics, FLOPs and exit histogram from per-sample outcomes:
     ``ee_top5[N, k]`` / ``exit_layer[N]`` under ``policy``, ``full_top5[N, k]`` at full depth,
     ``y[N]`` the targets (``target``: "labels" or "fp32")."""

@@ -51,7 +51,8 @@ def calibration_record(source, positions=None, split: dict | None = None) -> dic
     if hasattr(sub, "samples"):
         root = Path(source.root)
         rec["root"] = str(root)
-        rec["files"] = [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p, _ in sub.samples]
+        rec["files"] = [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p)
+                        for p, _ in sub.samples]
     return rec
 
 
@@ -64,7 +65,8 @@ def exclude_images(source, digests: set[str]) -> tuple[object, dict, np.ndarray 
     """``(source without the images whose content digest is in digests, check, kept positions or None
     when nothing was left out)``; ValueError when nothing is left."""
     keep = np.array([i for i, d in enumerate(fingerprints(source)) if d not in digests], dtype=np.int64)
-    check = {"checked": True, "method": "content hash (SHA-256) of every evaluation image against the calibration images",
+    check = {"checked": True,
+             "method": "content hash (SHA-256) of every evaluation image against the calibration images",
              "n_excluded": len(source) - len(keep), "n_remaining": int(len(keep))}
     if not len(keep):
         raise ValueError(f"all {len(source)} evaluation images were used to calibrate this model: "

@@ -64,8 +64,8 @@ def plot_exit_histogram(hist: dict, path: Path, title: str) -> Path:
     plt = _plt()
     layers = sorted(int(k) for k in hist)
     fig, ax = plt.subplots(figsize=(5.0, 3.4))
-    ax.bar([str(layer) for layer in layers], [100 * hist[layer] if layer in hist else 100 * hist[str(layer)] for layer in layers],
-           color="#4c72b0")
+    heights = [100 * hist[layer] if layer in hist else 100 * hist[str(layer)] for layer in layers]
+    ax.bar([str(layer) for layer in layers], heights, color="#4c72b0")
     ax.set_xlabel("exit layer (blocks run; last = full depth)")
     ax.set_ylabel("samples (%)")
     return _finish(fig, ax, path, title, grid=False, legend=False)
@@ -156,8 +156,9 @@ def controls_markdown(controls: dict) -> list[str]:
              "reference | note |", "|---|---|---|---|---|---|---|---|---|"]
     for w in rows:
         rh = "–" if w["rescued"] is None else f"{_fmt(w['rescued'], digits=1)} / {_fmt(w['hurt'], digits=1)}"
-        lines.append(f"| {w['control']} | {w['scheme']} | {w['setting']} | {_fmt(w['top1'])} | {_pp(w['delta'], w['ci95'])} | "
-                     f"{rh} | {_fmt(w['flops_saving'], digits=1)} | {w['reference']} | {w['note']} |")
+        lines.append(f"| {w['control']} | {w['scheme']} | {w['setting']} | {_fmt(w['top1'])} | "
+                     f"{_pp(w['delta'], w['ci95'])} | {rh} | {_fmt(w['flops_saving'], digits=1)} | "
+                     f"{w['reference']} | {w['note']} |")
     return lines
 
 
@@ -169,10 +170,10 @@ def _quadrant_lines(r: dict) -> list[str]:
     for name, g in (r.get("quadrants_by_exit") or {}).items():
         lines.append(f"| {name} ({_fmt(g['fraction'], digits=1)} of images) | {_fmt(g['both_right'])} | "
                      f"{_fmt(g['rescued'])} | {_fmt(g['hurt'])} | {_fmt(g['both_wrong'])} |")
-    return lines + ["", "Rows \"exited\" / \"continued\": samples that left at an early exit / ran all blocks, as "
-                        "fractions of all evaluation images. A continued sample ran the same blocks under both systems, "
-                        "so rescued or hurt there comes from the batch it shared (batch-dependent quantization), not "
-                        "from the exit.", ""]
+    return lines + ["", "Rows \"exited\" / \"continued\": samples that left at an early exit / ran all blocks, "
+                        "as fractions of all evaluation images. A continued sample ran the same blocks under both "
+                        "systems, so rescued or hurt there comes from the batch it shared (batch-dependent "
+                        "quantization), not from the exit.", ""]
 
 
 def _seed_lines(r: dict) -> list[str]:
@@ -195,7 +196,8 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
         lines += [f"> {r['note']}", ""]
     for flag in r.get("flags") or []:
         lines += [f"> **Flag:** {flag}", ""]
-    lines += [f"Data: {r.get('data')}. Scheme: **{r.get('scheme')}**. Target: {r.get('target')}.", "", split_sentence(r), ""]
+    lines += [f"Data: {r.get('data')}. Scheme: **{r.get('scheme')}**. Target: {r.get('target')}.", "",
+              split_sentence(r), ""]
     b = r.get("executor_batches") or {}
     how = (f"through the executor (`classify`), {b.get('n_batches')} recorded batches of {b.get('batch_size')} "
            f"({b.get('order')}, seed {b.get('seed')}, digest {b.get('digest')}); INT8 full depth = the disabled policy "
@@ -203,7 +205,8 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
     lines += ["## Accuracy and FLOPs (evaluation split)", "", f"Measured {how}.", "",
               "| | top-1 | top-5 | mean GFLOPs / image |", "|---|---|---|---|",
               f"| FP32 | {_fmt(r.get('acc_fp32'))} | {_fmt(r.get('top5_fp32'))} | – |",
-              f"| INT8 full depth | {_fmt(r.get('acc_full'))} | {_fmt(r.get('top5_full'))} | {r['flops_full'] / 1e9:.3f} |",
+              f"| INT8 full depth | {_fmt(r.get('acc_full'))} | {_fmt(r.get('top5_full'))} | "
+              f"{r['flops_full'] / 1e9:.3f} |",
               f"| INT8 + LRA-EE | {_fmt(r.get('acc_ee'))} | {_fmt(r.get('top5_ee'))} | {r['flops_ee'] / 1e9:.3f} |", "",
               f"Δ top-1 (LRA-EE − INT8 full): **{_pp(r['delta'])} pp**, paired bootstrap 95% CI "
               f"[{_pp(r['delta_ci95'][0])}, {_pp(r['delta_ci95'][1])}] pp; "
@@ -224,10 +227,10 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
         lines += [f"![quadrants]({plots['quadrants']})", ""]
     if r.get("controls"):
         lines += ["## Controls: would they confirm or refute the rescue effect?", ""] + controls_markdown(r["controls"])
-        lines += ["", "Early-exit rows are ordered by the scheme's NSR after the last block (FP32 = 0): if rescued − hurt "
-                  "does not grow with the noise, the effect is not quantization collapse. Static exit, oracle, random gate "
-                  "and head confound are computed on the exit tables of the first seed's evaluation split; batch "
-                  "sensitivity runs the executor.", ""]
+        lines += ["", "Early-exit rows are ordered by the scheme's NSR after the last block (FP32 = 0): if "
+                  "rescued − hurt does not grow with the noise, the effect is not quantization collapse. Static "
+                  "exit, oracle, random gate and head confound are computed on the exit tables of the first seed's "
+                  "evaluation split; batch sensitivity runs the executor.", ""]
     if r.get("schemes"):
         lines += ["## Schemes: the paper's INT8, a better quantizer, and early exit on each", "",
                   "| scheme | FP32 | INT8 full | INT8 + EE | Δ (95% CI) | rescued | hurt | FLOPs saved | final NSR |",
@@ -242,7 +245,8 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
     if "qirc" in plots:
         lines += [f"![QIRC]({plots['qirc']})", ""]
     if r.get("nsr_per_layer"):
-        lines += ["NSR after each block (report's scheme): " + ", ".join(f"{100 * v:.1f}%" for v in r["nsr_per_layer"]), ""]
+        lines += ["NSR after each block (report's scheme): "
+                  + ", ".join(f"{100 * v:.1f}%" for v in r["nsr_per_layer"]), ""]
     tau = "no early exit" if r.get("no_early_exit") else r.get("tau0")
     lines += ["## Exits", "",
               f"Exit layers {r['exit_layers']}, INR {[round(v, 2) for v in r.get('inr_per_exit') or []]}, "
@@ -259,14 +263,16 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
         lines.append("")
     if r.get("alpha_sweep"):
         lines += ["Alpha sweep (0 = flat threshold): " + "; ".join(
-            f"α={a['alpha']}: {_fmt(a['acc_ee'])}, saved {_fmt(a['flops_saving'])}" for a in r["alpha_sweep"]) + ".", ""]
+            f"α={a['alpha']}: {_fmt(a['acc_ee'])}, saved {_fmt(a['flops_saving'])}"
+            for a in r["alpha_sweep"]) + ".", ""]
     if r.get("executor_check"):
         e = r["executor_check"]
         verdict = ("exact: the simulation is what the executor does" if e.get("exact") else
-                   "NOT exact: the numbers above are the executor's; simulated ones (ablations, sweeps, table controls) "
-                   "are approximations")
+                   "NOT exact: the numbers above are the executor's; simulated ones (ablations, sweeps, table "
+                   "controls) are approximations")
         lines += [f"Simulation check ({e.get('scope', 'evaluation images')}; {e['n']} images of the first seed): the "
-                  f"exit-table simulation agreed with the executor on {_fmt(e['exit_layer_agreement'])} of exit layers, "
+                  f"exit-table simulation agreed with the executor on {_fmt(e['exit_layer_agreement'])} of exit "
+                  f"layers, "
                   f"{_fmt(e['prediction_agreement'])} of predictions and {_fmt(e.get('full_depth_agreement'))} of "
                   f"full-depth predictions — {verdict}.", ""]
     if r.get("throughput"):
@@ -290,8 +296,9 @@ def write_report(out_dir: str | Path, report: dict, qirc_curves: dict[str, list[
     plots["quadrants"] = plot_quadrants(quadrants or {report["scheme"]: report["quadrants"]}, out / "quadrants.png",
                                         f"four quadrants ({label})").name
     if sweeps or report.get("tau0_sweep"):
+        operating = {"relative_flops": 1 - report["flops_saving"], "acc_ee": report["acc_ee"]}
         sw = sweeps or {report["scheme"]: {**report["tau0_sweep"], "acc_full": report["acc_full"],
-                                            "operating": {"relative_flops": 1 - report["flops_saving"], "acc_ee": report["acc_ee"]}}}
+                                            "operating": operating}}
         plots["pareto"] = plot_pareto(sw, out / "pareto.png", f"accuracy vs FLOPs ({label})").name
     files = {k: out / v for k, v in plots.items()}
     files["json"] = write_json(out / "report.json", report)

@@ -41,7 +41,8 @@ def test_static_exit_and_oracle():
     st = ctl.static_exit(t, labels, fm, n_boot=200)
     for layer in (1, 2, 3):
         s = st[layer]
-        assert s["acc"] == pytest.approx(right[layer - 1].mean()) and s["acc_reference"] == pytest.approx(right[3].mean())
+        assert s["acc"] == pytest.approx(right[layer - 1].mean())
+        assert s["acc_reference"] == pytest.approx(right[3].mean())
         assert s["rescued"] == pytest.approx((right[layer - 1] & ~right[3]).mean())
         assert s["hurt"] == pytest.approx((~right[layer - 1] & right[3]).mean())
         assert s["delta_ci95"][0] <= s["delta"] <= s["delta_ci95"][1]
@@ -89,7 +90,8 @@ def test_head_confound():
     patch = rng.random(n) < 0.7
     h = ctl.head_confound(_table(right, labels, depth_patch_right=patch), labels, n_boot=200,
                           ee_rescued=right[0] & ~right[3])
-    assert h["acc_own_head"] == pytest.approx(right[3].mean()) and h["acc_patch_mean_at_depth"] == pytest.approx(patch.mean())
+    assert h["acc_own_head"] == pytest.approx(right[3].mean())
+    assert h["acc_patch_mean_at_depth"] == pytest.approx(patch.mean())
     assert h["delta"] == pytest.approx(patch.mean() - right[3].mean())
     r = right[0] & ~right[3]
     assert h["ee_rescued"] == r.sum() and h["ee_rescued_also_by_patch_mean_at_depth"] == pytest.approx(patch[r].mean())
@@ -127,7 +129,7 @@ def test_merge_orders_by_nsr_and_renders_one_table():
     assert [e["scheme"] for e in m["rescued_minus_hurt_by_nsr"]] == ["fp32", "smoothquant", "paper"]
     assert m["fp32_early_exit"] == {"x": 1} and set(m["random_gate"]) == {"paper", "smoothquant"}
     rows = ctl.table_rows(m)
-    assert [r["control"] for r in rows] == ["early exit (LRA-EE)"] * 3 + ["random_gate"] * 2
+    assert [r["control"] for r in rows] == ["fp32_early_exit"] + ["early exit (LRA-EE)"] * 2 + ["random_gate"] * 2
     from lra_ee.report import controls_markdown
 
     md = controls_markdown(m)

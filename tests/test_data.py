@@ -122,8 +122,10 @@ def test_text_classifier_is_normalised_and_cached(tmp_path):
         for p in model.parameters():
             p.zero_()  # a cache hit must not touch the model
     assert torch.equal(text_classifier(model, tok, names, templates, "tiny-random", cache_dir=tmp_path), w)
-    other = text_classifier(open_clip.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16),
-                                           text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)).eval(),
+    other_model = open_clip.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1,
+                                                               head_width=16),
+                                 text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)).eval()
+    other = text_classifier(other_model,
                             tok, names, ["{}"], "tiny-random", cache_dir=tmp_path)
     assert not torch.equal(other, w), "different templates must not hit the same cache entry"
 

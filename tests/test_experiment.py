@@ -204,3 +204,17 @@ def test_calibrate_api_with_unlabelled_images_then_evaluate(task_and_tower, tmp_
     assert again.acc_ee == res.acc_ee and again.exit_histogram == res.exit_histogram
     with pytest.raises(ValueError, match="all 20 evaluation images were used to calibrate"):
         evaluate_model(qvit, TensorSource(task.images[100:120], task.labels[100:120]))
+
+
+def test_separate_evaluation_source_leaves_out_calibration_images(task_and_tower):
+    v, task = task_and_tower
+    calib = TensorSource(task.images[:150], task.labels[:150], task.class_names)
+    ev = TensorSource(task.images[120:], task.labels[120:], task.class_names)  # its first 30 images calibrate too
+    cfg = ExperimentConfig(scheme="smoothquant", seeds=(0,), n_quant_calib=16, n_qirc=8, n_boot=100, ablate=False,
+                           random_gate_draws=50)
+    r = run_experiment(v, calib, task.text_features, cfg, task.class_names, eval_source=ev, progress=False).report
+    assert r["split_check"]["checked"] and r["split_check"]["n_excluded"] == 30 and r["n_eval"] == 90
+    assert r["n_calibration"] == 150 - 16 - 8
+    positions = sorted(p for b in r["executor_batches"]["batches"] for p in b)
+    assert positions == list(range(30, 120)), "positions in the evaluation source, calibration images left out"
+    assert r["executor_check"]["exact"]

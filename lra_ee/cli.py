@@ -108,8 +108,9 @@ def _print_summary(r: dict) -> None:
     def pct(v):
         return "–" if v is None else f"{100 * v:.2f}%"
 
+    n_cal = "" if r.get("n_calibration") is None else f"{r['n_calibration']} calibration / "
     print(f"\n{r.get('model')} [{r.get('weights')}] on {r.get('data')} — scheme {r['scheme']}, "
-          f"{r['n_calibration']} calibration / {r['n_eval']} evaluation images")
+          f"{n_cal}{r['n_eval']} evaluation images")
     print(f"  top-1  FP32 {pct(r.get('acc_fp32'))}   INT8 full {pct(r['acc_full'])}   INT8 + LRA-EE {pct(r['acc_ee'])}")
     ci = r["delta_ci95"]
     print(f"  delta  {100 * r['delta']:+.2f} pp  (95% CI {100 * ci[0]:+.2f} .. {100 * ci[1]:+.2f})   "

@@ -6,6 +6,7 @@ thresholds, evaluation with statistics and ablations, reports, and the ``lra-ee`
     result = evaluate_model(qvit, eval_source, fp32_visual=clip.visual)
 """
 
-from .experiment import ExperimentConfig, calibrate, evaluate_model, run_experiment
+from .api import calibrate, evaluate_model
+from .experiment import ExperimentConfig, run_experiment
 
 __all__ = ["calibrate", "evaluate_model", "run_experiment", "ExperimentConfig"]

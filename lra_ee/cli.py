@@ -32,9 +32,11 @@ def load_clip(model: str, pretrained: str, device: str, seed: int = 0):
 
     if model not in open_clip.list_models():
         raise CLIError(f"unknown model {model!r}; see open_clip.list_models() (e.g. ViT-B-32, ViT-B-16, ViT-L-14)")
-    looks_like_path = any(s in pretrained for s in ("/", "\\")) or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    looks_like_path = (any(s in pretrained for s in ("/", "\\"))
+                       or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
     if looks_like_path and not Path(pretrained).is_file():
-        raise CLIError(f"checkpoint {pretrained} not found: pass --pretrained with an existing file, or a tag such as 'openai'")
+        raise CLIError(f"checkpoint {pretrained} not found: pass --pretrained with an existing file, "
+                       f"or a tag such as 'openai'")
     kwargs = {"pretrained": None if pretrained == "random" else pretrained, "device": device}
     torch.manual_seed(seed)
     root_level = logging.getLogger().level
@@ -44,8 +46,8 @@ def load_clip(model: str, pretrained: str, device: str, seed: int = 0):
     except Exception as err:  # offline hub, unknown tag, corrupt checkpoint
         reason = str(err).splitlines()[0][:200]
         raise CLIError(
-            f"could not load weights {pretrained!r} for {model} ({reason}). Offline machines: fetch them once where the "
-            f"Hugging Face hub is reachable (open_clip caches them), or pass --pretrained /path/to/checkpoint"
+            f"could not load weights {pretrained!r} for {model} ({reason}). Offline machines: fetch them once where "
+            f"the Hugging Face hub is reachable (open_clip caches them), or pass --pretrained /path/to/checkpoint"
         ) from None
     finally:
         logging.getLogger().setLevel(root_level)
@@ -67,7 +69,8 @@ def _classifier(args, clip, tokenizer, class_names, weights_label):
     from .data import DataError, load_templates, text_classifier
 
     if class_names is None:
-        raise CLIError("the images have no class folders and no --classnames file was given: zero-shot classes are unknown")
+        raise CLIError("the images have no class folders and no --classnames file was given: "
+                       "zero-shot classes are unknown")
     try:
         templates = load_templates(args.templates)
     except DataError as err:
@@ -105,15 +108,18 @@ def _print_summary(r: dict) -> None:
     def pct(v):
         return "–" if v is None else f"{100 * v:.2f}%"
 
+    n_cal = "" if r.get("n_calibration") is None else f"{r['n_calibration']} calibration / "
     print(f"\n{r.get('model')} [{r.get('weights')}] on {r.get('data')} — scheme {r['scheme']}, "
-          f"{r['n_calibration']} calibration / {r['n_eval']} evaluation images")
+          f"{n_cal}{r['n_eval']} evaluation images")
     print(f"  top-1  FP32 {pct(r.get('acc_fp32'))}   INT8 full {pct(r['acc_full'])}   INT8 + LRA-EE {pct(r['acc_ee'])}")
     ci = r["delta_ci95"]
-    print(f"  delta  {100 * r['delta']:+.2f} pp  (95% CI {100 * ci[0]:+.2f} .. {100 * ci[1]:+.2f})   McNemar p {r['mcnemar_p']:.3g}")
+    print(f"  delta  {100 * r['delta']:+.2f} pp  (95% CI {100 * ci[0]:+.2f} .. {100 * ci[1]:+.2f})   "
+          f"McNemar p {r['mcnemar_p']:.3g}")
     q = r["quadrants"]
     print(f"  quadrants  both right {pct(q['both_right'])}  rescued {pct(q['rescued'])}  hurt {pct(q['hurt'])}  "
           f"both wrong {pct(q['both_wrong'])}")
-    print(f"  FLOPs  {r['flops_ee'] / 1e9:.3f} vs {r['flops_full'] / 1e9:.3f} GFLOPs/image ({pct(r['flops_saving'])} saved); "
+    print(f"  FLOPs  {r['flops_ee'] / 1e9:.3f} vs {r['flops_full'] / 1e9:.3f} GFLOPs/image "
+          f"({pct(r['flops_saving'])} saved); "
           f"exits {r['exit_histogram']}")
 
 
@@ -132,22 +138,26 @@ def _experiment_config(args):
     from .experiment import ExperimentConfig
 
     return ExperimentConfig(scheme=args.scheme, exit_layers=_exit_layers(args.exit_layers), alpha=args.alpha,
-                            flops_budget=args.flops_budget, calib_fraction=args.calib_fraction, seeds=_seeds(args.seeds),
-                            batch_size=args.batch_size, backend=args.backend, n_quant_calib=args.quant_calib_images)
+                            flops_budget=args.flops_budget, calib_fraction=args.calib_fraction,
+                            seeds=_seeds(args.seeds),
+                            batch_size=args.batch_size, backend=args.backend, n_quant_calib=args.quant_calib_images,
+                            n_qirc=args.qirc_images)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    from .api import calibrate
     from .data import split_indices
-    from .experiment import calibrate
     from .report import plot_qirc, write_json
 
     cfg = _experiment_config(args)
+    args.model = args.model or "ViT-B-32"
     clip, preprocess, tokenizer, weights = load_clip(args.model, args.pretrained, args.device, args.seed)
     names = _classnames(args)
     if args.calib_data:
         calib = _source(args.calib_data, preprocess, names, "calibration", args.workers)
-        class_names = names or calib.class_names or (_source(args.data, preprocess, None, "data", args.workers).class_names
-                                                     if args.data else None)
+        class_names = names or calib.class_names
+        if class_names is None and args.data:
+            class_names = _source(args.data, preprocess, None, "data", args.workers).class_names
     elif args.data:
         data = _source(args.data, preprocess, names, "data", args.workers)
         c_idx, _ = split_indices(len(data), args.calib_fraction, cfg.seeds[0])
@@ -156,10 +166,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise CLIError("calibrate needs --calib-data DIR or --data DIR (with --calib-fraction)")
     text = _classifier(args, clip, tokenizer, class_names, weights)
     try:
-        qvit, report = calibrate(clip.visual, calib, text, scheme=cfg.scheme, exit_layers=cfg.exit_layers, alpha=cfg.alpha,
-                                 flops_budget=cfg.flops_budget, class_names=list(class_names),
-                                 n_quant_calib=cfg.n_quant_calib, batch_size=args.batch_size, backend=args.backend,
-                                 progress=True)
+        qvit, report = calibrate(clip.visual, calib, text, scheme=cfg.scheme, exit_layers=cfg.exit_layers,
+                                 alpha=cfg.alpha, flops_budget=cfg.flops_budget, class_names=list(class_names),
+                                 n_quant_calib=cfg.n_quant_calib, n_qirc=cfg.n_qirc, batch_size=args.batch_size,
+                                 backend=args.backend, progress=True, seed=cfg.seeds[0], model_name=args.model,
+                                 pretrained=args.pretrained, weights_seed=args.seed)
     except ValueError as err:
         raise CLIError(str(err)) from None
     out = Path(args.out)
@@ -170,12 +181,68 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(f"calibrated {args.model} [{weights}] with {cfg.scheme}: exits {report.exit_layers}, thresholds "
           f"{[round(t, 3) for t in report.thresholds]}; calibration top-1 full {100 * report.calib_acc_full:.2f}% -> "
           f"early exit {100 * report.calib_acc_ee:.2f}%, FLOPs saved {100 * report.calib_flops_saving:.1f}%")
+    if report.no_early_exit:
+        print("early exit does not help here: on the calibration images no threshold beat full depth, "
+              "so the saved policy never exits")
+    print(f"{len(calib)} calibration images recorded in the model (by content): lra-ee evaluate --model-dir leaves "
+          f"them out of its evaluation")
     print(f"model directory: {out / 'model'}; report: {out / 'calibration.json'}")
     return 0
 
 
+def _evaluate_model_dir(args: argparse.Namespace, names, out: Path) -> dict:
+    from lra_kernels import QuantEarlyExitViT
+
+    from .api import evaluate_model
+    from .data import preprocess_from_cfg
+    from .provenance import MODEL_KEY, check_reference_tower, exclude_calibration_images
+
+    try:
+        qvit = QuantEarlyExitViT.load(args.model_dir, device=args.device)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    if qvit.classifier is None or not qvit.exit_policy.enabled:
+        raise CLIError(f"{args.model_dir} has no classifier or no exit policy: write it with lra-ee calibrate")
+    recorded = qvit.exit_policy.meta.get(MODEL_KEY) or {}
+    model = args.model or recorded.get("open_clip_model") or "ViT-B-32"
+    data = _source(args.data, preprocess_from_cfg(qvit.preprocess_cfg), names or qvit.class_names, "evaluation",
+                   args.workers)
+    try:
+        data, check, _ = exclude_calibration_images(qvit, data)
+    except ValueError as err:
+        raise CLIError(f"{err} (the model directory records its calibration images)") from None
+    if check["checked"]:
+        print(f"calibration and evaluation images disjoint (checked by content hash): {check['n_excluded']} of the "
+              f"model's {check['n_calibration_recorded']} calibration images found in {args.data} and left out, "
+              f"{check['n_remaining']} evaluation images")
+    else:
+        print(f"note: {args.model_dir} records no calibration images, so whether they overlap {args.data} "
+              f"is NOT checked")
+    visual, weights = None, "saved model"
+    if args.pretrained:
+        clip, _, _, weights = load_clip(model, args.pretrained, args.device, args.seed)
+        visual = clip.visual
+        try:
+            check_reference_tower(qvit, visual, model, args.pretrained, args.seed)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+    ev = evaluate_model(qvit, data, visual, seed=args.seed, batch_size=args.batch_size, progress=True,
+                        exclude_calibration=False)
+    ev.split_check = check
+    meta = qvit.exit_policy.meta
+    return {"model": model, "weights": weights, "data": args.data, "model_dir": args.model_dir,
+            "source_model": recorded or None, "scheme": meta.get("scheme", qvit.quant_config.act_quant),
+            "n_calibration": None, **ev.as_dict(), "nsr_per_layer": [], "inr_per_exit": [], "alpha": meta.get("alpha"),
+            "tau0": meta.get("tau0"), "no_early_exit": meta.get("no_early_exit", False), "seeds": [args.seed],
+            "flags": [] if ev.executor_check["exact"] else [
+                f"the exit-table simulation does not match the executor "
+                f"({100 * ev.executor_check['prediction_agreement']:.1f}% of predictions agree): the numbers reported "
+                f"are the executor's, the table-based controls simulations"]}
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    from .experiment import evaluate_model, run_experiment
+    from .experiment import run_experiment
+    from .provenance import source_model_record, with_meta
     from .report import write_report
 
     if not args.data:
@@ -183,41 +250,31 @@ def _evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     names = _classnames(args)
     if args.model_dir:
-        from lra_kernels import QuantEarlyExitViT
-
-        try:
-            qvit = QuantEarlyExitViT.load(args.model_dir, device=args.device)
-        except (FileNotFoundError, ValueError) as err:
-            raise CLIError(str(err)) from None
-        if qvit.classifier is None or not qvit.exit_policy.enabled:
-            raise CLIError(f"{args.model_dir} has no classifier or no exit policy: write it with lra-ee calibrate")
-        from .data import preprocess_from_cfg
-
-        preprocess = preprocess_from_cfg(qvit.preprocess_cfg)
-        data = _source(args.data, preprocess, names or qvit.class_names, "evaluation", args.workers)
-        visual, weights = None, "saved model"
-        if args.pretrained:
-            clip, _, _, weights = load_clip(args.model, args.pretrained, args.device, args.seed)
-            visual = clip.visual
-        ev = evaluate_model(qvit, data, visual, seed=args.seed, batch_size=args.batch_size, progress=True)
-        report = {"model": args.model, "weights": weights, "data": args.data, "model_dir": args.model_dir,
-                  "scheme": qvit.quant_config.act_quant, "n_calibration": None, **ev.as_dict(),
-                  "nsr_per_layer": [], "inr_per_exit": [], "alpha": None, "tau0": None, "seeds": [args.seed]}
+        report = _evaluate_model_dir(args, names, out)
         write_report(out, report)
     else:
         if not args.pretrained:
-            raise CLIError("evaluate needs --model-dir DIR, or --pretrained (with --model) to calibrate and evaluate in one run")
+            raise CLIError("evaluate needs --model-dir DIR, or --pretrained (with --model) to calibrate and evaluate "
+                           "in one run")
         cfg = _experiment_config(args)
+        args.model = args.model or "ViT-B-32"
         clip, preprocess, tokenizer, weights = load_clip(args.model, args.pretrained, args.device, args.seed)
         data = _source(args.data, preprocess, names, "evaluation", args.workers)
-        calib = _source(args.calib_data, preprocess, names or data.class_names, "calibration", args.workers) if args.calib_data else None
+        calib = None
+        if args.calib_data:
+            calib = _source(args.calib_data, preprocess, names or data.class_names, "calibration", args.workers)
         if not data.has_labels:
             raise CLIError(f"{args.data} has no class folders: evaluation needs labelled images (root/<class>/<image>)")
         text = _classifier(args, clip, tokenizer, data.class_names, weights)
-        res = run_experiment(clip.visual, calib or data, text, cfg, data.class_names,
-                             eval_source=data if calib is not None else None)
+        try:
+            res = run_experiment(clip.visual, calib or data, text, cfg, data.class_names,
+                                 eval_source=data if calib is not None else None)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
         report = {"model": args.model, "weights": weights, "data": args.data, **res.report}
         write_report(out, report)
+        res.model.exit_policy = with_meta(res.model.exit_policy,
+                                          source_model=source_model_record(args.model, args.pretrained, args.seed))
         res.model.save(out / "model")
     _print_summary(report)
     print(f"\nreport: {out / 'report.md'}, {out / 'report.json'}")
@@ -227,28 +284,38 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _diagnose(args: argparse.Namespace) -> int:
     import torch
 
-    from .experiment import SCHEMES, _images, quantize
-    from .qirc import diagnose
+    from .experiment import SCHEMES, _images, held_out, quantize
+    from .qirc import diagnose, fp32_reference
     from .report import plot_qirc, write_json
 
+    args.model = args.model or "ViT-B-32"
     clip, preprocess, _, weights = load_clip(args.model, args.pretrained, args.device, args.seed)
     visual = clip.visual
-    if args.data:
+    n_q = args.quant_calib_images
+    if args.data:  # seeded random samples, quantizer calibration and QIRC images disjoint
         data = _source(args.data, preprocess, None, "data", args.workers)
-        images = _images(data, range(min(len(data), args.images)))
+        if len(data) < 2:
+            raise CLIError(f"{args.data} holds {len(data)} image(s): diagnose needs at least 2")
+        n_q = min(n_q, len(data) // 2)
+        q_idx, r_idx, _ = held_out(len(data), n_q, min(args.images, len(data) - n_q), args.seed)
+        calib, images = _images(data, q_idx), _images(data, r_idx)
     else:
         h, w = visual.image_size
-        images = torch.randn(args.images, 3, h, w, generator=torch.Generator().manual_seed(args.seed))
+        rand = torch.randn(n_q + args.images, 3, h, w, generator=torch.Generator().manual_seed(args.seed))
+        calib, images = rand[:n_q], rand[n_q:]
     schemes = list(SCHEMES) if args.scheme == "all" else [args.scheme]
-    calib = images[: max(1, len(images) // 2)]
-    reports = {s: diagnose(visual, quantize(visual, s, calib, args.backend), images, s) for s in schemes}
+    reference = fp32_reference(visual, images)
+    reports = {s: diagnose(visual, quantize(visual, s, calib, args.backend), images, s, reference=reference)
+               for s in schemes}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "qirc.json", {"model": args.model, "weights": weights, "data": args.data or "random images",
+                                   "n_quant_calibration": int(calib.shape[0]), "n_qirc": int(images.shape[0]),
                                    "schemes": {s: r.as_dict() for s, r in reports.items()}})
     plot_qirc({s: r.nsr_per_layer for s, r in reports.items()}, out / "qirc_nsr.png", f"QIRC ({args.model}, {weights})")
     for s, r in reports.items():
-        print(f"{s:<18} NSR " + " ".join(f"{100 * v:5.1f}" for v in r.nsr_per_layer) + f"   exit cos {r.exit_cos[-1]:.4f}")
+        print(f"{s:<18} NSR " + " ".join(f"{100 * v:5.1f}" for v in r.nsr_per_layer)
+              + f"   exit cos {r.exit_cos[-1]:.4f}")
     print(f"report: {out / 'qirc.json'}, plot: {out / 'qirc_nsr.png'}")
     return 0
 
@@ -263,31 +330,39 @@ def _serve(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     from .experiment import SCHEMES
 
-    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture (default: %(default)s)")
+    p.add_argument("--model", default=None,
+                   help="open_clip architecture (default: the one a --model-dir records, else ViT-B-32)")
     p.add_argument("--pretrained", default=None if not model_required else "openai",
                    help="'openai', another open_clip tag, a checkpoint path, or 'random' (seeded random weights)")
     p.add_argument("--data", help="ImageFolder / ImageNet val directory")
     p.add_argument("--calib-data", help="separate calibration images (class folders, or a flat folder: unlabelled)")
-    p.add_argument("--calib-fraction", type=float, default=0.4, help="calibration share of --data (default: %(default)s)")
+    p.add_argument("--calib-fraction", type=float, default=0.4,
+                   help="calibration share of --data (default: %(default)s)")
     p.add_argument("--classnames", help="file with one class name per line (default: folder names / ImageNet names)")
-    p.add_argument("--templates", default="openai", help="'openai', 'simple' or a file of templates with {} (default: %(default)s)")
-    p.add_argument("--scheme", default="smoothquant", choices=tuple(SCHEMES), help="quantization scheme (default: %(default)s)")
+    p.add_argument("--templates", default="openai",
+                   help="'openai', 'simple' or a file of templates with {} (default: %(default)s)")
+    p.add_argument("--scheme", default="smoothquant", choices=tuple(SCHEMES),
+                   help="quantization scheme (default: %(default)s)")
     p.add_argument("--exit-layers", default="auto", help="'auto', 'paper' (8,10,11) or comma-separated layers")
     p.add_argument("--alpha", type=float, default=1.0, help="INR exponent of the thresholds (0: flat)")
-    p.add_argument("--flops-budget", type=float, default=None, help="max mean FLOPs as a fraction of full depth, e.g. 0.9")
+    p.add_argument("--flops-budget", type=float, default=None,
+                   help="max mean FLOPs as a fraction of full depth, e.g. 0.9")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", default="0,1,2", help="calibration/evaluation split seeds (default: %(default)s)")
     p.add_argument("--quant-calib-images", type=int, default=32, help="images held out to calibrate the quantizer")
+    p.add_argument("--qirc-images", type=int, default=32,
+                   help="images held out to measure QIRC (disjoint from the quantizer's; default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="data loader workers")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "lra-ee"), help="text-classifier cache")
     p.add_argument("--out", default="lra-ee-out", help="output directory (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lra-ee", description="INT8 OpenCLIP vision towers with layer-wise early exits (LRA-EE).")
+    parser = argparse.ArgumentParser(prog="lra-ee",
+                                     description="INT8 OpenCLIP vision towers with layer-wise early exits (LRA-EE).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the main job on a built-in ViT-B-32 with seeded random weights (no download)")
@@ -304,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cal)
     cal.set_defaults(func=_calibrate)
 
-    ev = sub.add_parser("evaluate", help="evaluate a saved model (--model-dir) or run calibration + evaluation + ablations")
+    ev = sub.add_parser("evaluate",
+                        help="evaluate a saved model (--model-dir) or run calibration + evaluation + ablations")
     _common(ev, model_required=False)
     ev.add_argument("--model-dir", help="a model directory written by lra-ee calibrate")
     ev.set_defaults(func=_evaluate)
@@ -319,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     dg.set_defaults(func=_diagnose)
 
     serve = sub.add_parser("serve", help="serve a saved model directory over HTTP on Ray Serve (extra: serve)")
-    serve.add_argument("--model-dir", required=True, help="directory written by QuantEarlyExitViT.save / lra-ee calibrate")
+    serve.add_argument("--model-dir", required=True,
+                       help="directory written by QuantEarlyExitViT.save / lra-ee calibrate")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--replicas", type=int, default=1)

@@ -96,7 +96,12 @@ def _collate(items):
 @dataclass
 class FolderSource:
     """An ImageFolder-style directory (``root/<class>/<image>``; ImageNet val layout), or a flat
-    directory of images (unlabelled)."""
+    directory of images (unlabelled).
+
+    ``unreadable`` holds the paths found unreadable so far; subsets share it with the source they
+    come from, so a file skipped while iterating a split is counted once, by every source that
+    holds it (``n_skipped``), however many passes read it.
+    """
 
     root: Path
     samples: list[tuple[str, int]]
@@ -104,8 +109,7 @@ class FolderSource:
     class_names: list[str] | None
     name: str = "folder"
     num_workers: int = 2
-    n_skipped: int = 0
-    skipped: list[str] = field(default_factory=list)
+    unreadable: set[str] = field(default_factory=set)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -114,9 +118,18 @@ class FolderSource:
     def has_labels(self) -> bool:
         return self.class_names is not None
 
+    @property
+    def skipped(self) -> list[str]:
+        """This source's files found unreadable (so far)."""
+        return [p for p, _ in self.samples if p in self.unreadable]
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
     def subset(self, index, name: str | None = None) -> "FolderSource":
-        return FolderSource(self.root, [self.samples[i] for i in np.asarray(index)], self.transform, self.class_names,
-                            name or self.name, self.num_workers)
+        return FolderSource(self.root, [self.samples[i] for i in np.asarray(index, dtype=np.int64)], self.transform,
+                            self.class_names, name or self.name, self.num_workers, self.unreadable)
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         loader = torch.utils.data.DataLoader(
@@ -125,9 +138,9 @@ class FolderSource:
         )
         for images, labels, index, bad in loader:
             for path, why in bad:
-                self.n_skipped += 1
-                self.skipped.append(path)
-                warnings.warn(f"skipping unreadable image {path} ({why})", stacklevel=2)
+                if path not in self.unreadable:
+                    self.unreadable.add(path)
+                    warnings.warn(f"skipping unreadable image {path} ({why})", stacklevel=2)
             if images is not None:
                 yield images, labels, index
 
@@ -143,7 +156,8 @@ def load_image_folder(root: str | Path, transform: Callable, class_names: Sequen
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"no data directory at {root}: expected an ImageFolder layout (root/<class>/<image>) or a folder of images")
+        raise DataError(f"no data directory at {root}: expected an ImageFolder layout (root/<class>/<image>) "
+                        f"or a folder of images")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if class_dirs:
         samples = [
@@ -236,7 +250,8 @@ def text_classifier(clip_model, tokenizer, class_names: Sequence[str], templates
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
     from safetensors.torch import load_file, save_file
 
-    key = hashlib.sha256(json.dumps([model_id, list(class_names), [_template_text(t) for t in templates]]).encode()).hexdigest()[:16]
+    ident = json.dumps([model_id, list(class_names), [_template_text(t) for t in templates]])
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"text-classifier-{key}.safetensors" if cache_dir else None
     if cache is not None and cache.is_file():
         return load_file(str(cache))["text_features"]

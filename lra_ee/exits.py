@@ -3,8 +3,12 @@
 Running the INT8 tower once per image set and keeping, per exit layer, the top-5 predictions and
 the gate features lets calibration, threshold sweeps and ablations re-decide exits without
 re-running the network. A sample's early-exit result *is* its exit head's result at the layer
-it leaves (tests/test_executor.py checks that equality bit for bit), and
-``verify_with_executor`` checks it again on real data with the real executor.
+it leaves when rows do not depend on the batch (tests/test_executor.py checks that equality bit
+for bit); the experiment re-checks it on the whole evaluation split against the real executor
+(``lra_ee.measure``), whose results are the ones reported.
+
+``collect_fp32_table`` builds the same table for the FP32 open_clip tower (pure-torch exit head
+and gate features on its hidden states): the FP32 early-exit control.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lra_kernels.executor import exit_head as _exit_head, final_head
+from lra_kernels.kernels.exit_head import exit_head_ref
+from lra_kernels.kernels.gate_features import gate_features_ref
+
+from .qirc import fp32_hidden_states
 
 HEADS = ("patch_mean", "cls")
 
@@ -27,7 +35,8 @@ class ExitTable:
 
     layers: candidate exit layers, then ``depth``. top5[len(layers), N, k] (k = min(5, C)),
     features[len(layers) - 1, N, 3], labels[N] (-1: unlabelled), fp32_top5[N, k] (the FP32
-    tower's predictions, or None), index[N] (positions in the source).
+    tower's predictions, or None), index[N] (positions in the source), depth_patch_top5[N, k]
+    (the patch-mean exit head applied after the last block, or None: the head confound).
     """
 
     layers: tuple[int, ...]
@@ -38,6 +47,7 @@ class ExitTable:
     fp32_top5: np.ndarray | None
     index: np.ndarray
     n_skipped: int = 0
+    depth_patch_top5: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -70,7 +80,16 @@ class ExitTable:
     def subset(self, rows: np.ndarray) -> "ExitTable":
         rows = np.asarray(rows)
         return replace(self, top5=self.top5[:, rows], features=self.features[:, rows], labels=self.labels[rows],
-                       fp32_top5=None if self.fp32_top5 is None else self.fp32_top5[rows], index=self.index[rows])
+                       fp32_top5=None if self.fp32_top5 is None else self.fp32_top5[rows], index=self.index[rows],
+                       depth_patch_top5=None if self.depth_patch_top5 is None else self.depth_patch_top5[rows])
+
+    def rows_of(self, index: np.ndarray) -> np.ndarray:
+        """Rows holding the source positions ``index`` (ValueError naming any that are missing)."""
+        pos = {int(i): r for r, i in enumerate(self.index)}
+        missing = [int(i) for i in index if int(i) not in pos]
+        if missing:
+            raise ValueError(f"source positions {missing[:5]} are not in this table (unreadable, or another source)")
+        return np.array([pos[int(i)] for i in index], dtype=np.int64)
 
     def restrict(self, exit_layers: tuple[int, ...]) -> "ExitTable":
         """Keep only some exit layers (and the full depth)."""
@@ -99,7 +118,7 @@ def collect_tables(qvit, source, layers: tuple[int, ...], heads: tuple[str, ...]
         raise ValueError(f"exit layers must lie in 1..{qvit.depth - 1}, got {layers}")
     ops = qvit.ops()
     out = {h: {"top5": [], "features": []} for h in heads}
-    final, labels, index, fp32 = [], [], [], []
+    final, depth_patch, labels, index, fp32 = [], [], [], [], []
     for images, lab, idx in tqdm(source.batches(batch_size), total=-(-len(source) // batch_size), desc=desc,
                                  disable=desc is None, leave=False):
         states = qvit.hidden_states(images.to(qvit.device))
@@ -113,6 +132,8 @@ def collect_tables(qvit, source, layers: tuple[int, ...], heads: tuple[str, ...]
             out[h]["features"].append(np.stack(fe) if fe else np.zeros((0, images.shape[0], 3), np.float32))
         logits, _ = final_head(qvit, states[-1], text, qvit.logit_scale)
         final.append(_topk(logits, k))
+        logits, _ = _exit_head(qvit, ops, states[-1], text, qvit.logit_scale, "patch_mean")
+        depth_patch.append(_topk(logits, k))
         labels.append(lab.numpy())
         index.append(idx.numpy())
         if fp32_visual is not None:
@@ -125,8 +146,46 @@ def collect_tables(qvit, source, layers: tuple[int, ...], heads: tuple[str, ...]
         top5 = np.concatenate([np.concatenate(out[h]["top5"], axis=1), final_arr], axis=0)
         tables[h] = ExitTable(layers + (qvit.depth,), h, top5, np.concatenate(out[h]["features"], axis=1),
                               np.concatenate(labels), np.concatenate(fp32) if fp32 else None, np.concatenate(index),
-                              getattr(source, "n_skipped", 0))
+                              getattr(source, "n_skipped", 0), np.concatenate(depth_patch))
     return tables
+
+
+@torch.no_grad()
+def collect_fp32_table(visual, source, text: torch.Tensor, layers: tuple[int, ...], logit_scale: float = 100.0,
+                       batch_size: int = 32, desc: str | None = None) -> ExitTable:
+    """The exit table of the FP32 open_clip tower: the patch-mean exit head (``exit_head_ref``) and
+    the gate features (``gate_features_ref``) on its tokens after each of ``layers``, its own
+    head's predictions (``top5[-1]``, also ``fp32_top5``) and the patch-mean head at full depth."""
+    dev = next(visual.parameters()).device
+    text = text.to(dev).float()
+    k = min(5, text.shape[0])
+    depth = len(visual.transformer.resblocks)
+    layers = tuple(sorted(set(int(x) for x in layers)))
+    if layers and (layers[0] < 1 or layers[-1] >= depth):
+        raise ValueError(f"exit layers must lie in 1..{depth - 1}, got {layers}")
+    ln, proj = visual.ln_post, visual.proj
+    head = dict(ln_weight=ln.weight.float(), ln_bias=ln.bias.float(), eps=ln.eps,
+                proj=None if proj is None else proj.float(), text=text, logit_scale=logit_scale)
+    top5, feats, final, depth_patch, labels, index = [], [], [], [], [], []
+    for images, lab, idx in tqdm(source.batches(batch_size), total=-(-len(source) // batch_size), desc=desc,
+                                 disable=desc is None, leave=False):
+        states, out = fp32_hidden_states(visual, images.to(dev), return_output=True)
+        t5, fe = [], []
+        for layer in layers:
+            logits, _ = exit_head_ref(states[layer], pool="patch_mean", **head)
+            t5.append(_topk(logits, k))
+            fe.append(gate_features_ref(logits, states[layer]).cpu().numpy())
+        top5.append(np.stack(t5) if t5 else np.zeros((0, images.shape[0], k), np.int64))
+        feats.append(np.stack(fe) if fe else np.zeros((0, images.shape[0], 3), np.float32))
+        z = F.normalize((out[0] if isinstance(out, tuple) else out).float(), dim=-1)
+        final.append(_topk(logit_scale * z @ text.t(), k))
+        depth_patch.append(_topk(exit_head_ref(states[-1], pool="patch_mean", **head)[0], k))
+        labels.append(lab.numpy())
+        index.append(idx.numpy())
+    final_arr = np.concatenate(final)
+    return ExitTable(layers + (depth,), "patch_mean", np.concatenate([np.concatenate(top5, axis=1), final_arr[None]]),
+                     np.concatenate(feats, axis=1), np.concatenate(labels), final_arr.copy(), np.concatenate(index),
+                     getattr(source, "n_skipped", 0), np.concatenate(depth_patch))
 
 
 @dataclass
@@ -144,19 +203,3 @@ def simulate(table: ExitTable, scores: np.ndarray, taus: np.ndarray) -> Simulati
     exit_layer = np.asarray(table.layers)[first]
     top5 = table.top5[first, np.arange(N)]
     return Simulation(exit_layer, top5)
-
-
-def verify_with_executor(qvit, source, sim_exit_layer: np.ndarray, sim_top1: np.ndarray, batch_size: int = 32,
-                         limit: int = 256) -> dict:
-    """Run the real executor (``qvit.classify``) on up to ``limit`` images of ``source`` and compare
-    with the simulated exits; ``sim_*[i]`` belong to position ``i`` of ``source``."""
-    n, agree_layer, agree_pred = 0, 0, 0
-    for images, _, idx in source.batches(batch_size):
-        res = qvit.classify(images.to(qvit.device))
-        rows = idx.numpy()
-        agree_layer += int((res.exit_layer.cpu().numpy() == sim_exit_layer[rows]).sum())
-        agree_pred += int((res.logits.argmax(-1).cpu().numpy() == sim_top1[rows]).sum())
-        n += len(rows)
-        if n >= limit:
-            break
-    return {"n": n, "exit_layer_agreement": agree_layer / max(n, 1), "prediction_agreement": agree_pred / max(n, 1)}

@@ -1,9 +1,15 @@
-"""One LRA-EE experiment end to end: quantize, diagnose QIRC, collect exit tables, calibrate and
-evaluate over several calibration seeds, ablate, verify against the real executor.
+"""One LRA-EE experiment end to end: quantize, diagnose QIRC, collect exit tables, calibrate over
+several calibration seeds, measure through the real executor, ablate, run the controls.
 
-Splits: a fixed set of ``n_quant_calib`` images (seed-independent) calibrates the quantizer
-(static scales, SmoothQuant) and the QIRC diagnostics, and is excluded from every split; the
-rest is split per seed into disjoint calibration / evaluation parts (or comes as two sources).
+Splits: a fixed, seeded random sample of ``n_quant_calib`` images calibrates the quantizer (static
+scales, SmoothQuant), a disjoint one of ``n_qirc`` images measures QIRC (whose NSR sets the
+thresholds); both belong to no split. The rest is split per seed into disjoint calibration /
+evaluation parts (or the evaluation set comes as a second source, checked by content against the
+calibration one).
+
+Reported accuracy, quadrants, FLOPs and exit histograms are the executor's (``lra_ee.measure``);
+the exit tables drive calibration, ablations and the table-based controls, and the report says how
+exactly they matched the executor.
 """
 
 from __future__ import annotations
@@ -16,13 +22,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lra_kernels import QuantEarlyExitViT
+from lra_kernels import ExitPolicy, QuantEarlyExitViT
+from lra_kernels.flops import flops_model
 
+from . import controls as ctl
 from . import stats
 from .data import split_indices
-from .exits import HEADS, ExitTable, collect_tables, simulate, verify_with_executor
-from .method import CalibrationReport, EvalReport, ablations, evaluate, fit_policy, policy_scores
-from .qirc import diagnose
+from .exits import HEADS, ExitTable, collect_fp32_table, collect_tables, simulate
+from .measure import batch_plan, batch_sensitivity, run_executor, simulation_agreement
+from .method import ablations, evaluate, evaluate_outcomes, fit_policy, policy_scores
+from .provenance import CALIBRATION_KEY, calibration_record, exclude_images, fingerprints, with_meta
+from .qirc import diagnose, fp32_reference
 
 SCHEMES = {
     "paper": dict(act_quant="paper"),
@@ -42,6 +52,7 @@ SCHEME_HELP = {
     "smoothquant": "W8A8 per-token + SmoothQuant (alpha 0.5)",
     "per_tensor_static": "W8A8 per-tensor static activations + SmoothQuant (alpha 0.5)",
 }
+HOLD_OUT_SEED = 12345  # the seed of the quantizer / QIRC sample, the same for every split seed
 
 
 @dataclass
@@ -58,14 +69,20 @@ class ExperimentConfig:
     batch_size: int = 32
     backend: str = "auto"
     n_boot: int = 2000
-    verify_limit: int = 128
     ablate: bool = True
+    controls: bool = True
+    random_gate_draws: int = 1000
+    batch_sensitivity: bool | None = None  # None: for the paper's (batch-dependent) scheme only
+    sensitivity_batch_sizes: tuple[int, ...] = (1, 32, 256)
+    sensitivity_limit: int = 1024  # images of the first evaluation split run at every batch size
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {self.scheme!r}")
         if not self.seeds:
             raise ValueError("give at least one calibration seed")
+        if self.n_quant_calib < 1 or self.n_qirc < 1:
+            raise ValueError(f"n_quant_calib and n_qirc must be >= 1, got {self.n_quant_calib} and {self.n_qirc}")
 
 
 def quantize(visual, scheme: str, calibration_images: torch.Tensor | None, backend: str = "auto") -> QuantEarlyExitViT:
@@ -80,8 +97,16 @@ def _images(source, index, batch_size=64) -> torch.Tensor:
     return torch.cat([im for im, _, _ in sub.batches(batch_size)])
 
 
+def held_out(n_total: int, n_quant: int, n_qirc: int, seed: int = HOLD_OUT_SEED):
+    """``(quantizer, QIRC, rest)`` positions: disjoint seeded random samples (not the first images
+    of a class-sorted folder), each sorted."""
+    perm = np.random.default_rng(seed).permutation(n_total)
+    return np.sort(perm[:n_quant]), np.sort(perm[n_quant : n_quant + n_qirc]), np.sort(perm[n_quant + n_qirc :])
+
+
 @torch.no_grad()
-def fp32_predictions(visual, source, text: torch.Tensor, batch_size: int = 32, desc: str | None = None) -> dict[int, np.ndarray]:
+def fp32_predictions(visual, source, text: torch.Tensor, batch_size: int = 32,
+                     desc: str | None = None) -> dict[int, np.ndarray]:
     """Top-5 of the FP32 tower for every readable image of ``source``, keyed by source position."""
     k = min(5, text.shape[0])
     dev = next(visual.parameters()).device
@@ -100,12 +125,89 @@ def _attach_fp32(table: ExitTable, fp32: dict[int, np.ndarray]) -> ExitTable:
 
 
 @dataclass
+class FP32Cache:
+    """What the FP32 tower gives an experiment, reusable by the next scheme on the same source and
+    hold-out: its exit table of the pool (and of a separate evaluation source), its QIRC states."""
+
+    key: tuple
+    table: ExitTable
+    eval_table: ExitTable | None = None
+    qirc_reference: list | None = field(default=None, repr=False)
+
+
+@dataclass
 class ExperimentResult:
     report: dict
     model: QuantEarlyExitViT
     tables: dict[str, ExitTable] = field(repr=False, default_factory=dict)
-    fp32: dict[int, np.ndarray] = field(repr=False, default_factory=dict)  # FP32 top-5 of the pool, reusable
+    fp32: FP32Cache | None = field(repr=False, default=None)
     quant_calibration_images: torch.Tensor | None = field(repr=False, default=None)
+    qirc_images: torch.Tensor | None = field(repr=False, default=None)
+
+
+def _with_fp32(table: ExitTable, fp32_table: ExitTable) -> ExitTable:
+    table.fp32_top5 = fp32_table.fp32_top5[fp32_table.rows_of(table.index)]
+    return table
+
+
+def _measure_seed(qvit, cfg, seed, calib, evalt, eval_src, fp32_calib, fp32_eval, qirc, num_classes, cache):
+    """Calibrate on ``calib``, then measure on ``evalt``: the executor on recorded batches (reported),
+    the simulation (checked against it)."""
+    policy, cal = fit_policy(calib["patch_mean"], qirc.nsr_per_layer, scheme=cfg.scheme, arch=qvit.arch,
+                             num_classes=num_classes, exit_layers=cfg.exit_layers, alpha=cfg.alpha, tau0=cfg.tau0,
+                             flops_budget=cfg.flops_budget)
+    t = evalt["patch_mean"]
+    y = t.target(cal.target)
+    plan = batch_plan(t.index, cfg.batch_size, "shuffled", seed)
+    run = run_executor(qvit, eval_src, plan, cfg.batch_size, {"ee": policy, "full": ExitPolicy.disabled()}, cache)
+    rows = t.rows_of(run.index)
+    ev = evaluate_outcomes(y[rows], run.top5["ee"], run.top5["full"], run.exit_layer["ee"], policy, qvit.arch,
+                           num_classes, target=cal.target, fp32_top5=None if t.fp32_top5 is None else t.fp32_top5[rows],
+                           n_boot=cfg.n_boot, seed=seed, n_skipped=t.n_skipped, measured_by="executor")
+    tr = t.restrict(policy.exit_layers)
+    sim = simulate(tr, policy_scores(policy, t), policy.threshold.numpy())
+    agree = {"seed": seed, **simulation_agreement(t.index, sim.exit_layer, sim.top5[:, 0], tr.top5[-1, :, 0], run)}
+    simulated = evaluate(t, policy, qvit.arch, num_classes, n_boot=0, seed=seed, target=cal.target)
+    fp32_ee = None
+    if cfg.controls and fp32_calib is not None:
+        fp32_ee = ctl.fp32_early_exit(fp32_calib, fp32_eval, arch=qvit.arch, num_classes=num_classes,
+                                      exit_layers=cfg.exit_layers, alpha=cfg.alpha, tau0=cfg.tau0,
+                                      flops_budget=cfg.flops_budget, target=cal.target,
+                                      n_boot=min(cfg.n_boot, 1000), seed=seed)
+    return {"seed": seed, "policy": policy, "calibration": cal, "evaluation": ev, "simulated": simulated,
+            "agreement": agree, "run": run, "plan": plan, "y": y, "calib": calib, "eval": evalt, "fp32_ee": fp32_ee,
+            "fp32_eval": fp32_eval}
+
+
+def _controls(qvit, cfg, first, eval_src, qirc, num_classes, cache, desc) -> dict:
+    t, y, policy, run, fp32_eval = (first[k] for k in ("eval", "y", "policy", "run", "fp32_eval"))
+    t = t["patch_mean"]
+    fm = flops_model(qvit.arch, num_classes, "patch_mean")
+    nb, seed, s = min(cfg.n_boot, 1000), first["seed"], cfg.scheme
+    rescued = np.zeros(t.n, dtype=bool)
+    rows = t.rows_of(run.index)
+    rescued[rows] = (run.top5["ee"][:, 0] == y[rows]) & (run.top5["full"][:, 0] != y[rows])
+    ev = first["evaluation"]
+    out = {
+        "static_exit": {s: {"policy_layers": list(policy.exit_layers), "layers": ctl.static_exit(t, y, fm, nb, seed)}},
+        "oracle": {s: ctl.oracle(t, y, policy.exit_layers, fm, nb, seed)},
+        "random_gate": {s: ctl.random_gate(t, y, policy, cfg.random_gate_draws, seed)},
+        "head_confound": {s: ctl.head_confound(t, y, nb, seed, rescued)},
+        "rescued_minus_hurt_by_nsr": [ctl.nsr_entry(s, qirc.nsr_per_layer[-1], {
+            "acc_full": ev.acc_full, "acc_ee": ev.acc_ee, "rescued": ev.quadrants["rescued"],
+            "hurt": ev.quadrants["hurt"],
+            "delta_ci95": ev.delta_ci95, "flops_saving": ev.flops_saving}, "executor")],
+    }
+    if first["fp32_ee"] is not None and "acc_ee" in first["fp32_ee"]:
+        out["fp32_early_exit"] = first["fp32_ee"]
+        out["rescued_minus_hurt_by_nsr"].insert(0, ctl.nsr_entry("fp32", 0.0, first["fp32_ee"], "simulation (FP32)"))
+        out["head_confound"]["fp32"] = ctl.head_confound(fp32_eval, fp32_eval.target("labels"), nb, seed)
+    if cfg.batch_sensitivity or (cfg.batch_sensitivity is None and s == "paper"):
+        targets = {int(p): int(v) for p, v in zip(t.index, y)}
+        out["batch_sensitivity"] = {s: batch_sensitivity(qvit, eval_src, first["plan"], targets, policy, fm,
+                                                         cfg.sensitivity_batch_sizes, cfg.sensitivity_limit, nb, seed,
+                                                         cache, desc)}
+    return out
 
 
 def run_experiment(
@@ -115,166 +217,157 @@ def run_experiment(
     cfg: ExperimentConfig,
     class_names: list[str] | None = None,
     logit_scale: float = 100.0,
-    fp32: dict[int, np.ndarray] | None = None,
+    fp32: FP32Cache | None = None,
     eval_source=None,
     progress: bool = True,
 ) -> ExperimentResult:
-    """Run one scheme. ``eval_source``: a separate evaluation set (then ``source`` is all calibration)."""
+    """Run one scheme. ``eval_source``: a separate evaluation set (then ``source`` is all calibration;
+    images of ``eval_source`` equal in content to one of ``source`` are left out). ``fp32``: the
+    previous scheme's ``result.fp32`` on the same data, to skip the FP32 passes."""
     t_start = time.perf_counter()
     n_total = len(source)
-    perm = np.random.default_rng(12345).permutation(n_total)
-    qcal_idx, pool_idx = np.sort(perm[: cfg.n_quant_calib]), np.sort(perm[cfg.n_quant_calib :])
+    qcal_idx, qirc_idx, pool_idx = held_out(n_total, cfg.n_quant_calib, cfg.n_qirc)
     if len(pool_idx) < 4:
-        raise ValueError(f"{n_total} images are too few: {cfg.n_quant_calib} go to quantizer calibration, the rest must split")
-    qcal_images = _images(source, qcal_idx)
+        raise ValueError(f"{n_total} images are too few: {cfg.n_quant_calib} go to quantizer calibration and "
+                         f"{cfg.n_qirc} to QIRC, the rest must split")
+    desc = (lambda what: f"{cfg.scheme}: {what}") if progress else (lambda what: None)
+    key = (n_total, cfg.n_quant_calib, cfg.n_qirc, None if eval_source is None else len(eval_source))
+    fp32 = fp32 if fp32 is not None and fp32.key == key else None
+    qcal_images, qirc_images = _images(source, qcal_idx), _images(source, qirc_idx)
     qvit = quantize(visual, cfg.scheme, qcal_images, cfg.backend)
     qvit.set_classifier(text_features, logit_scale, class_names)
-    depth = qvit.depth
-    qirc = diagnose(visual, qvit, qcal_images[: cfg.n_qirc], cfg.scheme)
+    depth, num_classes = qvit.depth, text_features.shape[0]
+    qirc_ref = fp32.qirc_reference if fp32 is not None else fp32_reference(visual, qirc_images)
+    qirc = diagnose(visual, qvit, qirc_images, cfg.scheme, reference=qirc_ref)
 
     pool = source.subset(pool_idx, name="pool")
     candidates = tuple(range(1, depth))
-    desc = (lambda what: f"{cfg.scheme}: {what}") if progress else (lambda what: None)
     tables = collect_tables(qvit, pool, candidates, HEADS, batch_size=cfg.batch_size, desc=desc("exit tables"))
     if fp32 is None:
-        fp32 = fp32_predictions(visual, pool, text_features, cfg.batch_size, desc=desc("FP32 reference"))
+        fp32 = FP32Cache(key, collect_fp32_table(visual, pool, text_features, candidates, logit_scale, cfg.batch_size,
+                                                 desc("FP32 exit tables")), qirc_reference=qirc_ref)
     for t in tables.values():
-        _attach_fp32(t, fp32)
-    eval_tables = None
+        _with_fp32(t, fp32.table)
+    eval_tables, split_check, eval_keep = None, None, None
     if eval_source is not None:
-        eval_tables = collect_tables(qvit, eval_source, candidates, HEADS, batch_size=cfg.batch_size, desc=desc("eval tables"))
-        efp = fp32_predictions(visual, eval_source, text_features, cfg.batch_size, desc=desc("FP32 eval"))
+        eval_source, split_check, eval_keep = exclude_images(eval_source, set(fingerprints(source)))
+        if fp32.eval_table is None:
+            fp32.eval_table = collect_fp32_table(visual, eval_source, text_features, candidates, logit_scale,
+                                                 cfg.batch_size, desc("FP32 eval tables"))
+        eval_tables = collect_tables(qvit, eval_source, candidates, HEADS, batch_size=cfg.batch_size,
+                                     desc=desc("eval tables"))
         for t in eval_tables.values():
-            _attach_fp32(t, efp)
+            _with_fp32(t, fp32.eval_table)
 
-    num_classes = text_features.shape[0]
-    per_seed, first = [], None
-    for seed in cfg.seeds:
+    cache: dict = {}
+    per_seed = []
+    for i, seed in enumerate(cfg.seeds):
         if eval_tables is None:
             c_rows, e_rows = split_indices(tables["patch_mean"].n, cfg.calib_fraction, seed)
             calib = {h: t.subset(c_rows) for h, t in tables.items()}
             evalt = {h: t.subset(e_rows) for h, t in tables.items()}
             assert not set(calib["patch_mean"].index) & set(evalt["patch_mean"].index)
+            fp32_c, fp32_e = (fp32.table.subset(fp32.table.rows_of(x["patch_mean"].index)) for x in (calib, evalt))
+            eval_src = pool
         else:
-            calib, evalt, e_rows = tables, eval_tables, np.arange(eval_tables["patch_mean"].n)
-        policy, cal = fit_policy(calib["patch_mean"], qirc.nsr_per_layer, scheme=cfg.scheme, arch=qvit.arch,
-                                 num_classes=num_classes, exit_layers=cfg.exit_layers, alpha=cfg.alpha, tau0=cfg.tau0,
-                                 flops_budget=cfg.flops_budget)
-        ev = evaluate(evalt["patch_mean"], policy, qvit.arch, num_classes, n_boot=cfg.n_boot, seed=seed)
-        per_seed.append({"seed": seed, "calibration": cal, "evaluation": ev, "policy": policy,
-                         "calib": calib, "eval": evalt, "eval_rows": e_rows})
-        if first is None:
-            first = per_seed[-1]
-
-    qvit.exit_policy = first["policy"]
-    # The simulation must agree with the real executor: check on part of the first seed's evaluation split.
-    ev_table = first["eval"]["patch_mean"]
-    sim = simulate(ev_table.restrict(first["policy"].exit_layers), policy_scores(first["policy"], ev_table),
-                   first["policy"].threshold.numpy())
-    verify_src = (eval_source if eval_source is not None else pool.subset(first["eval_rows"]))
-    verify = verify_with_executor(qvit, verify_src, sim.exit_layer, sim.top5[:, 0], cfg.batch_size, cfg.verify_limit)
+            calib, evalt, eval_src = tables, eval_tables, eval_source
+            fp32_c, fp32_e = fp32.table, fp32.eval_table
+        per_seed.append(_measure_seed(qvit, cfg, seed, calib, evalt, eval_src, fp32_c, fp32_e, qirc, num_classes,
+                                      cache if i == 0 else None))
+    first = per_seed[0]
+    cal_positions = (np.concatenate([qcal_idx, qirc_idx, pool_idx[first["calib"]["patch_mean"].index]])
+                     if eval_tables is None else None)
+    split = {"kind": "one source, held-out splits" if eval_tables is None else "separate calibration source",
+             "hold_out_seed": HOLD_OUT_SEED, "n_quant_calib": cfg.n_quant_calib, "n_qirc": cfg.n_qirc,
+             "calib_fraction": cfg.calib_fraction if eval_tables is None else None, "seed": first["seed"]}
+    qvit.exit_policy = with_meta(first["policy"], **{CALIBRATION_KEY: calibration_record(source, cal_positions, split)})
 
     extra = ablations(first["calib"], first["eval"], qirc.nsr_per_layer, qvit.arch, num_classes,
-                      first["calibration"], seed=cfg.seeds[0]) if cfg.ablate else {}
-    ev, cal = first["evaluation"], first["calibration"]
+                      first["calibration"], seed=first["seed"]) if cfg.ablate else {}
+    controls = _controls(qvit, cfg, first, pool if eval_tables is None else eval_source, qirc, num_classes, cache,
+                         desc("batch sensitivity")) if cfg.controls else {}
+    n_skipped = int(getattr(source, "n_skipped", 0)) + int(getattr(eval_source, "n_skipped", 0))
+    report = _report(cfg, qirc, per_seed, extra, controls, len(qcal_images), len(qirc_images), n_skipped,
+                     split_check, pool_idx if eval_tables is None else eval_keep)
+    report["seconds"] = time.perf_counter() - t_start
+    return ExperimentResult(report, qvit, tables, fp32, qcal_images, qirc_images)
+
+
+def _report(cfg, qirc, per_seed, extra, controls, n_qcal, n_qirc, n_skipped, split_check, eval_positions) -> dict:
+    first = per_seed[0]
+    ev, cal, sim = first["evaluation"], first["calibration"], first["simulated"]
     keys = ("acc_fp32", "acc_full", "acc_ee", "delta", "flops_saving")
-    seeds_summary = {k: stats.mean_std([getattr(r["evaluation"], k) for r in per_seed]) for k in keys if getattr(ev, k) is not None}
+    seeds_summary = {k: stats.mean_std([getattr(r["evaluation"], k) for r in per_seed])
+                     for k in keys if getattr(ev, k) is not None}
     seeds_summary["rescued"] = stats.mean_std([r["evaluation"].quadrants["rescued"] for r in per_seed])
     seeds_summary["hurt"] = stats.mean_std([r["evaluation"].quadrants["hurt"] for r in per_seed])
-    report = {
+    agreements = [r["agreement"] for r in per_seed]
+    check = {k: first["agreement"][k] for k in ("n", "exit_layer_agreement", "prediction_agreement",
+                                                "full_depth_agreement")}
+    check.update(exact=all(a["exact"] for a in agreements), scope="the whole evaluation split of every seed",
+                 per_seed=agreements)
+    layers_per_seed = [r["calibration"].exit_layers for r in per_seed]
+    flags = []
+    if not check["exact"]:
+        worst = min(agreements, key=lambda a: a["prediction_agreement"])
+        flags.append(f"the exit-table simulation does not match the executor (seed {worst['seed']}: "
+                     f"{100 * worst['exit_layer_agreement']:.1f}% of exit layers, "
+                     f"{100 * worst['prediction_agreement']:.1f}% of predictions, "
+                     f"{100 * worst['full_depth_agreement']:.1f}% at full depth): accuracy, quadrants, FLOPs and exit "
+                     f"histograms reported here are the executor's; ablations, sweeps and table-based controls are "
+                     f"simulations")
+    if any(layers != layers_per_seed[0] for layers in layers_per_seed):
+        flags.append(f"the exit layers chosen differ between seeds: {layers_per_seed}")
+    for r in per_seed:
+        if r["calibration"].no_early_exit:
+            flags.append(f"seed {r['seed']}: calibration chose no early exit — early exit does not help here")
+    run = first["run"]
+    batches = [[int(eval_positions[p]) for p in b] for b in run.batches] if eval_positions is not None else run.batches
+    run_record = {**run.record("shuffled", first["seed"], with_batches=False),
+                  "positions_in": "the source" if split_check is None else "the evaluation source", "batches": batches}
+    return {
         "scheme": cfg.scheme,
         "scheme_description": SCHEME_HELP[cfg.scheme],
-        "n_quant_calibration": int(len(qcal_idx)),
+        "n_quant_calibration": int(n_qcal),
+        "n_qirc": int(n_qirc),
         "n_calibration": cal.n_calibration,
         "n_eval": ev.n_eval,
-        "n_skipped": int(getattr(source, "n_skipped", 0)),
+        "n_skipped": n_skipped,
         "target": ev.target,
+        "measured_by": "executor",
         **{k: getattr(ev, k) for k in ("acc_fp32", "acc_full", "acc_ee", "top5_fp32", "top5_full", "top5_ee",
                                        "delta", "delta_ci95", "acc_full_ci95", "acc_ee_ci95", "mcnemar_p",
                                        "mcnemar_p_vs_fp32", "flops_full", "flops_ee", "flops_saving")},
         "quadrants": ev.quadrants,
+        "quadrants_by_exit": ev.quadrants_by_exit,
         "quadrants_vs_fp32": ev.quadrants_vs_fp32,
         "exit_histogram": ev.exit_histogram,
+        "simulated": {"acc_full": sim.acc_full, "acc_ee": sim.acc_ee, "delta": sim.delta, "quadrants": sim.quadrants,
+                      "flops_saving": sim.flops_saving, "exit_histogram": sim.exit_histogram},
+        "executor_batches": run_record,
+        "split_check": split_check or {"checked": True, "method": "disjoint positions of one source (asserted)"},
         "nsr_per_layer": qirc.nsr_per_layer,
         "qirc": qirc.as_dict(),
         "exit_layers": cal.exit_layers,
+        "exit_layers_per_seed": layers_per_seed,
         "inr_per_exit": cal.inr_per_exit,
         "thresholds": cal.thresholds,
         "alpha": cal.alpha,
         "tau0": cal.tau0,
+        "no_early_exit": cal.no_early_exit,
         "calibration": cal.as_dict(),
         "seeds": list(cfg.seeds),
         "per_seed": [{"seed": r["seed"], **{k: getattr(r["evaluation"], k) for k in keys},
                       "quadrants": r["evaluation"].quadrants, "exit_layers": r["calibration"].exit_layers,
-                      "tau0": r["calibration"].tau0} for r in per_seed],
+                      "tau0": r["calibration"].tau0, "no_early_exit": r["calibration"].no_early_exit,
+                      "executor_check": r["agreement"],
+                      "fp32_early_exit_delta": None if not r["fp32_ee"] else r["fp32_ee"].get("delta")}
+                     for r in per_seed],
         "over_seeds": seeds_summary,
-        "executor_check": verify,
+        "executor_check": check,
+        "flags": flags,
         "ablations": extra.get("ablations", {}),
         "alpha_sweep": extra.get("alpha_sweep", []),
         "tau0_sweep": extra.get("tau0_sweep", {}),
-        "seconds": time.perf_counter() - t_start,
+        "controls": controls,
     }
-    return ExperimentResult(report, qvit, tables, fp32, qcal_images)
-
-
-# ---------------------------------------------------------------------- one-call API
-def calibrate(
-    visual,
-    source,
-    text_features: torch.Tensor,
-    *,
-    scheme: str = "smoothquant",
-    exit_layers="auto",
-    alpha: float = 1.0,
-    tau0: float | None = None,
-    flops_budget: float | None = None,
-    class_names: list[str] | None = None,
-    logit_scale: float = 100.0,
-    n_quant_calib: int = 32,
-    n_qirc: int = 32,
-    batch_size: int = 32,
-    backend: str = "auto",
-    target: str | None = None,
-    progress: bool = False,
-) -> tuple[QuantEarlyExitViT, CalibrationReport]:
-    """Quantize an open_clip tower and calibrate its exits on ``source`` (calibration images only).
-
-    The first ``n_quant_calib`` images calibrate the quantizer (static scales, SmoothQuant) and the
-    QIRC diagnostics; on the rest, every candidate exit is evaluated, the gates are trained
-    (target: labels, or the FP32 full-depth prediction for unlabelled images), INR and thresholds
-    are computed and ``tau0`` chosen. Returns the model with its ``ExitPolicy`` and classifier set,
-    and the report (with the QIRC curve under ``report.qirc``).
-    """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
-    n_q = min(n_quant_calib, len(source) // 2)
-    if n_q < 1 or len(source) - n_q < 2:
-        raise ValueError(f"{len(source)} calibration images are too few")
-    qcal = _images(source, range(n_q))
-    qvit = quantize(visual, scheme, qcal, backend)
-    qvit.set_classifier(text_features.to(qvit.device), logit_scale, class_names)
-    qirc = diagnose(visual, qvit, qcal[:n_qirc], scheme)
-    rest = source.subset(range(n_q, len(source)), "calibration")
-    desc = "exit tables" if progress else None
-    table = collect_tables(qvit, rest, tuple(range(1, qvit.depth)), ("patch_mean",), batch_size=batch_size, desc=desc)["patch_mean"]
-    _attach_fp32(table, fp32_predictions(visual, rest, text_features, batch_size, desc="FP32 reference" if progress else None))
-    policy, report = fit_policy(table, qirc.nsr_per_layer, scheme=scheme, arch=qvit.arch, num_classes=text_features.shape[0],
-                                exit_layers=exit_layers, alpha=alpha, tau0=tau0, flops_budget=flops_budget, target=target)
-    report.qirc = qirc.as_dict()
-    qvit.exit_policy = policy
-    return qvit, report
-
-
-def evaluate_model(qvit: QuantEarlyExitViT, source, fp32_visual=None, *, n_boot: int = 2000, seed: int = 0,
-                   batch_size: int = 32, progress: bool = False) -> EvalReport:
-    """Measure a calibrated model (classifier + exit policy set) on labelled ``source``; with
-    ``fp32_visual`` the FP32 tower's accuracy and the quadrants against it are reported too."""
-    if qvit.classifier is None or not qvit.exit_policy.enabled:
-        raise ValueError("the model needs a classifier and an enabled exit policy (see lra_ee.calibrate)")
-    head = qvit.exit_policy.head
-    table = collect_tables(qvit, source, qvit.exit_policy.exit_layers, (head,), batch_size=batch_size,
-                           desc="exit tables" if progress else None)[head]
-    if fp32_visual is not None:
-        _attach_fp32(table, fp32_predictions(fp32_visual, source, qvit.classifier, batch_size,
-                                             desc="FP32 reference" if progress else None))
-    return evaluate(table, qvit.exit_policy, qvit.arch, qvit.classifier.shape[0], n_boot=n_boot, seed=seed)

@@ -7,7 +7,9 @@ likelihood (Newton's method) to predict "this exit's prediction is correct".
 Thresholds (docs/method.md): ``tau_l = clamp(tau0 * (INR_ref / INR_l) ** alpha, 0, 1)`` with
 ``INR_l = acc_l / NSR_l`` and ``INR_ref`` the geometric mean of the exits' INRs, so an
 informative, low-noise exit (high INR) gets a lower threshold; ``alpha = 0`` is one flat
-threshold ``tau0``.
+threshold ``tau0``. ``tau0 > 1`` (``NO_EXIT``) means "no early exit": every threshold is ``tau0``,
+above any probability, so no sample leaves (a clamped threshold of 1 would still let a gate
+that saturates to 1.0 in fp32 exit).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lra_kernels.kernels.gate_features import FEATURE_NAMES as FEATURES  # noqa: F401 (re-exported)
+
+NO_EXIT = 2.0  # the tau0 of "no early exit": thresholds above any gate probability
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,8 @@ def fit_logistic(z: np.ndarray, y: np.ndarray, l2: float = 1e-3, max_iter: int =
     return theta[:-1], float(theta[-1]), it
 
 
-def train_gate(features: np.ndarray, correct: np.ndarray, use: tuple[int, ...] = (0, 1, 2), l2: float = 1e-3) -> GateFit:
+def train_gate(features: np.ndarray, correct: np.ndarray, use: tuple[int, ...] = (0, 1, 2),
+               l2: float = 1e-3) -> GateFit:
     """Fit one exit's gate on ``features[N, 3]`` and targets ``correct[N]`` using the feature
     columns in ``use`` (the others get weight 0: the feature-drop ablation)."""
     f = np.asarray(features, dtype=np.float64)
@@ -108,7 +113,10 @@ def inr(acc: np.ndarray, nsr: np.ndarray) -> np.ndarray:
 
 
 def thresholds(tau0: float, inr_values: np.ndarray, alpha: float) -> np.ndarray:
-    """``tau_l = clamp(tau0 * (INR_ref / INR_l) ** alpha, 0, 1)``, ``INR_ref`` = geometric mean."""
+    """``tau_l = clamp(tau0 * (INR_ref / INR_l) ** alpha, 0, 1)``, ``INR_ref`` = geometric mean;
+    ``tau0 > 1``: every threshold is ``tau0`` (no sample leaves)."""
     v = np.maximum(np.asarray(inr_values, dtype=np.float64), 1e-12)
+    if tau0 > 1.0:
+        return np.full(v.shape, float(tau0))
     ref = float(np.exp(np.log(v).mean())) if v.size else 1.0
     return np.clip(tau0 * (ref / v) ** alpha, 0.0, 1.0)

@@ -15,10 +15,13 @@ from lra_kernels.flops import flops_model
 
 from . import stats
 from .exits import ExitTable, simulate
-from .gate import FEATURES, GateFit, gate_scores, inr, thresholds, train_gate
+from .gate import FEATURES, NO_EXIT, GateFit, gate_scores, inr, thresholds, train_gate
 
 PAPER_EXITS = {"ViT-B-32": (8, 10, 11)}  # the paper's exits for ViT-B/32 (blocks run before each exit)
 TAU0_GRID = np.round(np.linspace(0.05, 1.0, 96), 4)
+# What tau0 may be chosen from: "no early exit" (NO_EXIT, first, so it wins ties with thresholds
+# that let nobody leave) and the grid.
+TAU0_CANDIDATES = (NO_EXIT, *(float(t) for t in TAU0_GRID))
 
 
 def resolve_exit_layers(spec, depth: int) -> tuple[int, ...] | None:
@@ -28,7 +31,8 @@ def resolve_exit_layers(spec, depth: int) -> tuple[int, ...] | None:
     if spec == "paper":
         layers = PAPER_EXITS["ViT-B-32"]
         if depth != 12:
-            raise ValueError(f"the paper's exit preset (8, 10, 11) is for 12-block ViT-B/32, this tower has {depth} blocks")
+            raise ValueError(f"the paper's exit preset (8, 10, 11) is for 12-block ViT-B/32, "
+                             f"this tower has {depth} blocks")
         return layers
     if isinstance(spec, str):
         spec = [int(x) for x in spec.split(",") if x.strip()]
@@ -61,6 +65,7 @@ class CalibrationReport:
     flops_budget: float | None
     tau0_search: list[dict] = field(default_factory=list)
     qirc: dict | None = None  # the QIRC diagnostics the INR came from, when calibrated end to end
+    no_early_exit: bool = False  # tau0 = NO_EXIT: on the calibration split early exit did not help
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -84,8 +89,9 @@ def policy_scores(policy: ExitPolicy, table: ExitTable) -> np.ndarray:
     exactly as the executor does (``ExitPolicy.gate_scores`` in fp32)."""
     t = table.restrict(policy.exit_layers)
     feats = torch.from_numpy(np.ascontiguousarray(t.features)).float()
-    return np.stack([policy.gate_scores(j, feats[j]).numpy() for j in range(len(policy.exit_layers))]) if policy.enabled \
-        else np.zeros((0, t.n))
+    if not policy.enabled:
+        return np.zeros((0, t.n))
+    return np.stack([policy.gate_scores(j, feats[j]).numpy() for j in range(len(policy.exit_layers))])
 
 
 def _choose_exits(acc: dict, nsr: dict, candidates, depth: int, inr_floor: float | None, max_exits: int):
@@ -128,7 +134,8 @@ def fit_policy(
     correct_all = table.correct(y)
     acc = {layer: float(correct_all[i].mean()) for i, layer in enumerate(table.layers)}
     nsr = {layer: float(nsr_per_layer[layer]) for layer in table.layers}
-    layers = resolve_exit_layers(exit_layers, depth) or _choose_exits(acc, nsr, table.exit_layers, depth, inr_floor, max_exits)
+    layers = (resolve_exit_layers(exit_layers, depth)
+              or _choose_exits(acc, nsr, table.exit_layers, depth, inr_floor, max_exits))
     t = table.restrict(layers)
     correct = t.correct(y)
     fits = [train_gate(t.features[j], correct[j], use=features) for j in range(len(layers))]
@@ -142,13 +149,16 @@ def fit_policy(
         taus = thresholds(tau, inr_exits, alpha)
         sim = simulate(t, scores, taus)
         acc_ee = float((sim.top5[:, 0] == y).mean())
-        saving = 1.0 - float(fm.per_sample(torch.from_numpy(sim.exit_layer), tuple(layers)).double().mean()) / full_flops if fm else 0.0
+        saving = 0.0
+        if fm:
+            per = fm.per_sample(torch.from_numpy(sim.exit_layer), tuple(layers)).double()
+            saving = 1.0 - float(per.mean()) / full_flops
         return taus, acc_ee, saving
 
     search = []
     if tau0 is None:
         best = None
-        for tau in TAU0_GRID:
+        for tau in TAU0_CANDIDATES:
             taus, acc_ee, saving = evaluate_tau0(float(tau))
             search.append({"tau0": float(tau), "acc": acc_ee, "flops_saving": saving})
             if flops_budget is not None and (1.0 - saving) > flops_budget + 1e-12:
@@ -160,17 +170,21 @@ def fit_policy(
             raise ValueError(f"no threshold meets the FLOPs budget {flops_budget} on the calibration split")
         tau0 = best[1]
     taus, acc_ee, saving = evaluate_tau0(float(tau0))
-    policy = _policy(fits, layers, taus, table.head, meta={"scheme": scheme, "alpha": alpha, "tau0": float(tau0),
-                                                             "target": target_kind, "features": [FEATURES[i] for i in features]})
+    no_exit = float(tau0) > 1.0
+    meta = {"scheme": scheme, "alpha": alpha, "tau0": float(tau0), "target": target_kind,
+            "features": [FEATURES[i] for i in features], "no_early_exit": no_exit}
+    policy = _policy(fits, layers, taus, table.head, meta=meta)
     report = CalibrationReport(
         scheme=scheme, target=target_kind, n_calibration=table.n, candidate_layers=list(table.exit_layers),
-        acc_per_layer=acc, nsr_per_layer=nsr, inr_per_layer={layer: float(inr(acc[layer], nsr[layer])) for layer in table.layers},
+        acc_per_layer=acc, nsr_per_layer=nsr,
+        inr_per_layer={layer: float(inr(acc[layer], nsr[layer])) for layer in table.layers},
         exit_layers=list(layers), inr_per_exit=inr_exits.tolist(), features=[FEATURES[i] for i in features],
-        gates=[{"weight": f.weight.tolist(), "bias": f.bias, "feature_mean": f.mean.tolist(), "feature_std": f.std.tolist(),
+        gates=[{"weight": f.weight.tolist(), "bias": f.bias, "feature_mean": f.mean.tolist(),
+                "feature_std": f.std.tolist(),
                 "positive_rate": f.positive_rate, "log_loss": f.log_loss, "n": f.n} for f in fits],
         alpha=float(alpha), tau0=float(tau0), thresholds=[float(x) for x in taus], head=table.head,
         calib_acc_full=acc[depth], calib_acc_ee=acc_ee, calib_flops_saving=saving, flops_budget=flops_budget,
-        tau0_search=search,
+        tau0_search=search, no_early_exit=no_exit,
     )
     return policy, report
 
@@ -210,6 +224,12 @@ class EvalReport:
     exit_layers: list[int]
     thresholds: list[float]
     n_skipped: int = 0
+    quadrants_by_exit: dict | None = None  # the quadrants of the samples that exited early / ran to full depth
+    measured_by: str = "simulation"  # "executor": classify on recorded batches; "simulation": exit tables
+    split_check: dict | None = None  # how calibration / evaluation disjointness was checked
+    executor_check: dict | None = None  # the exit-table simulation against the executor, sample by sample
+    executor_batches: dict | None = None  # the recorded batches the executor ran
+    controls: dict | None = None  # table-based controls (lra_ee.controls)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -219,35 +239,46 @@ def _fractions(q: stats.Quadrants) -> dict[str, float]:
     return {k: getattr(q, k) for k in ("both_right", "rescued", "hurt", "both_wrong")}
 
 
-def evaluate(table: ExitTable, policy: ExitPolicy, arch, num_classes: int, n_boot: int = 2000, seed: int = 0,
-             target: str | None = None) -> EvalReport:
-    """Measure an exit policy on the evaluation ``table`` (which must hold the policy's exit layers)."""
-    target_kind = target or ("labels" if (table.labels >= 0).all() else "fp32")
-    y = table.target(target_kind)
-    t = table.restrict(policy.exit_layers)
-    scores = policy_scores(policy, table)
-    sim = simulate(t, scores, policy.threshold.numpy())
-    full_top5 = t.top5[-1]
-    ee_right = sim.top5[:, 0] == y
+def quadrants_by_exit(ee_right: np.ndarray, full_right: np.ndarray, exit_layer: np.ndarray, depth: int) -> dict:
+    """The four quadrants split by where each sample left, as fractions of all samples (the two
+    groups add up to the overall quadrants). Among "continued" samples early exit and full depth
+    ran the same blocks: any rescued or hurt there is the batch's doing, not the exit's."""
+    n = ee_right.size
+    out = {}
+    for name, m in (("exited", exit_layer < depth), ("continued", exit_layer >= depth)):
+        c = stats.cell_counts(ee_right[m], full_right[m])
+        out[name] = {"n": int(m.sum()), "fraction": float(m.mean()),
+                     **{k: float(v) / n for k, v in zip(("both_right", "rescued", "hurt", "both_wrong"), c)}}
+    return out
+
+
+def evaluate_outcomes(y: np.ndarray, ee_top5: np.ndarray, full_top5: np.ndarray, exit_layer: np.ndarray,
+                      policy: ExitPolicy, arch, num_classes: int, *, target: str, fp32_top5: np.ndarray | None = None,
+                      n_boot: int = 2000, seed: int = 0, n_skipped: int = 0,
+                      measured_by: str = "simulation") -> EvalReport:
+    """Accuracy, quadrants, statistics, FLOPs and exit histogram from per-sample outcomes:
+    ``ee_top5[N, k]`` / ``exit_layer[N]`` under ``policy``, ``full_top5[N, k]`` at full depth,
+    ``y[N]`` the targets (``target``: "labels" or "fp32")."""
+    ee_right = ee_top5[:, 0] == y
     full_right = full_top5[:, 0] == y
-    has_fp32 = t.fp32_top5 is not None and target_kind == "labels"
-    fp32_right = (t.fp32_top5[:, 0] == y) if has_fp32 else None
+    has_fp32 = fp32_top5 is not None and target == "labels"
+    fp32_right = (fp32_top5[:, 0] == y) if has_fp32 else None
     boot = stats.paired_bootstrap(ee_right, full_right, n_boot=n_boot, seed=seed)
     q = stats.quadrants(ee_right, full_right)
     q_fp32 = stats.quadrants(ee_right, fp32_right) if has_fp32 else None
-    n = t.n
+    n = y.size
     fm = flops_model(arch, num_classes, policy.head)
-    per = fm.per_sample(torch.from_numpy(sim.exit_layer), policy.exit_layers).double()
-    hist = {int(layer): float((sim.exit_layer == layer).mean()) for layer in (*policy.exit_layers, t.depth)}
+    per = fm.per_sample(torch.from_numpy(np.asarray(exit_layer, dtype=np.int64)), policy.exit_layers).double()
+    hist = {int(layer): float((exit_layer == layer).mean()) for layer in (*policy.exit_layers, fm.depth)}
 
     def top5(pred):
         return float((pred == y[:, None]).any(1).mean())
 
     return EvalReport(
-        n_eval=n, target=target_kind,
+        n_eval=n, target=target,
         acc_fp32=float(fp32_right.mean()) if has_fp32 else None,
         acc_full=float(full_right.mean()), acc_ee=float(ee_right.mean()),
-        top5_fp32=top5(t.fp32_top5) if has_fp32 else None, top5_full=top5(full_top5), top5_ee=top5(sim.top5),
+        top5_fp32=top5(fp32_top5) if has_fp32 else None, top5_full=top5(full_top5), top5_ee=top5(ee_top5),
         delta=float(ee_right.mean() - full_right.mean()), delta_ci95=boot["delta_ci"],
         acc_full_ci95=boot["acc_b_ci"], acc_ee_ci95=boot["acc_a_ci"],
         quadrants=_fractions(q), quadrants_vs_fp32=_fractions(q_fp32) if q_fp32 else None,
@@ -255,8 +286,21 @@ def evaluate(table: ExitTable, policy: ExitPolicy, arch, num_classes: int, n_boo
         mcnemar_p_vs_fp32=stats.mcnemar(round(q_fp32.rescued * n), round(q_fp32.hurt * n)) if q_fp32 else None,
         exit_histogram=hist, flops_full=float(fm.full()), flops_ee=float(per.mean()),
         flops_saving=1.0 - float(per.mean()) / fm.full(), exit_layers=list(policy.exit_layers),
-        thresholds=[float(x) for x in policy.threshold], n_skipped=table.n_skipped,
+        thresholds=[float(x) for x in policy.threshold], n_skipped=n_skipped,
+        quadrants_by_exit=quadrants_by_exit(ee_right, full_right, np.asarray(exit_layer), fm.depth),
+        measured_by=measured_by,
     )
+
+
+def evaluate(table: ExitTable, policy: ExitPolicy, arch, num_classes: int, n_boot: int = 2000, seed: int = 0,
+             target: str | None = None) -> EvalReport:
+    """Simulate ``policy`` on the evaluation ``table`` (which must hold its exit layers) and measure it."""
+    target_kind = target or ("labels" if (table.labels >= 0).all() else "fp32")
+    t = table.restrict(policy.exit_layers)
+    sim = simulate(t, policy_scores(policy, table), policy.threshold.numpy())
+    return evaluate_outcomes(table.target(target_kind), sim.top5, t.top5[-1], sim.exit_layer, policy, arch, num_classes,
+                             target=target_kind, fp32_top5=t.fp32_top5, n_boot=n_boot, seed=seed,
+                             n_skipped=table.n_skipped, measured_by="simulation")
 
 
 def ablations(calib: dict[str, ExitTable], evalt: dict[str, ExitTable], nsr_per_layer, arch, num_classes: int,

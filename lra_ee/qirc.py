@@ -34,8 +34,9 @@ class QIRCReport:
 
 
 @torch.no_grad()
-def fp32_hidden_states(visual: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """Tokens of the FP32 open_clip tower after the embedding and after each block (batch-first)."""
+def fp32_hidden_states(visual: nn.Module, images: torch.Tensor, return_output: bool = False):
+    """Tokens of the FP32 open_clip tower after the embedding and after each block (batch-first);
+    with ``return_output``, ``(states, visual(images))`` from the same forward pass."""
     states: list[torch.Tensor] = []
     batch_first = getattr(visual.transformer, "batch_first", True)
 
@@ -49,11 +50,20 @@ def fp32_hidden_states(visual: nn.Module, images: torch.Tensor) -> list[torch.Te
     blocks = visual.transformer.resblocks
     hooks = [blocks[0].register_forward_pre_hook(grab_in)] + [b.register_forward_hook(grab) for b in blocks]
     try:
-        visual(images)
+        out = visual(images)
     finally:
         for h in hooks:
             h.remove()
-    return [s.float() for s in states]
+    states = [s.float() for s in states]
+    return (states, out) if return_output else states
+
+
+def fp32_reference(visual: nn.Module, images: torch.Tensor, batch_size: int = 16) -> list[list[torch.Tensor]]:
+    """FP32 hidden states of ``images`` in batches of ``batch_size`` (on the CPU), for ``diagnose``:
+    computed once, they serve every quantization scheme of the same images."""
+    dev = next(visual.parameters()).device
+    return [[t.cpu() for t in fp32_hidden_states(visual, images[s : s + batch_size].to(dev))]
+            for s in range(0, images.shape[0], batch_size)]
 
 
 def _head_embedding(visual_or_q, x: torch.Tensor, head_pool: str | None) -> torch.Tensor:
@@ -74,8 +84,10 @@ def _head_embedding(visual_or_q, x: torch.Tensor, head_pool: str | None) -> torc
 
 
 @torch.no_grad()
-def diagnose(visual: nn.Module, qvit, images: torch.Tensor, scheme: str, batch_size: int = 16) -> QIRCReport:
-    """NSR / cosine per layer between the FP32 tower and its INT8 version ``qvit`` on ``images``."""
+def diagnose(visual: nn.Module, qvit, images: torch.Tensor, scheme: str, batch_size: int = 16,
+             reference: list[list[torch.Tensor]] | None = None) -> QIRCReport:
+    """NSR / cosine per layer between the FP32 tower and its INT8 version ``qvit`` on ``images``
+    (``reference``: ``fp32_reference(visual, images, batch_size)``, when already computed)."""
     depth = qvit.depth
     err2 = np.zeros(depth + 1)
     ref2 = np.zeros(depth + 1)
@@ -83,9 +95,11 @@ def diagnose(visual: nn.Module, qvit, images: torch.Tensor, scheme: str, batch_s
     eerr2, eref2, ecos = np.zeros(depth), np.zeros(depth), np.zeros(depth)
     n_tok = 0
     n = 0
-    for start in range(0, images.shape[0], batch_size):
+    if reference is None:
+        reference = fp32_reference(visual, images, batch_size)
+    for b, start in enumerate(range(0, images.shape[0], batch_size)):
         x = images[start : start + batch_size]
-        ref = fp32_hidden_states(visual, x.to(next(visual.parameters()).device))
+        ref = reference[b]
         got = qvit.hidden_states(x.to(qvit.device))
         for layer, (r, g) in enumerate(zip(ref, got)):
             r, g = r.cpu().double(), g.cpu().double()

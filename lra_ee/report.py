@@ -64,8 +64,8 @@ def plot_exit_histogram(hist: dict, path: Path, title: str) -> Path:
     plt = _plt()
     layers = sorted(int(k) for k in hist)
     fig, ax = plt.subplots(figsize=(5.0, 3.4))
-    ax.bar([str(layer) for layer in layers], [100 * hist[layer] if layer in hist else 100 * hist[str(layer)] for layer in layers],
-           color="#4c72b0")
+    heights = [100 * hist[layer] if layer in hist else 100 * hist[str(layer)] for layer in layers]
+    ax.bar([str(layer) for layer in layers], heights, color="#4c72b0")
     ax.set_xlabel("exit layer (blocks run; last = full depth)")
     ax.set_ylabel("samples (%)")
     return _finish(fig, ax, path, title, grid=False, legend=False)
@@ -121,72 +121,160 @@ def _fmt(v, pct=True, digits=2):
     return f"{100 * v:.{digits}f}%" if pct else f"{v:.{digits}f}"
 
 
+def _pp(v, ci=None) -> str:
+    if v is None:
+        return "–"
+    out = f"{100 * v:+.2f}"
+    if ci and ci[0] is not None and ci[1] is not None:
+        out += f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
+    return out
+
+
+def split_sentence(r: dict) -> str:
+    """Calibration / evaluation sizes, saying "disjoint" only when it was checked."""
+    check = r.get("split_check") or {}
+    if check.get("checked"):
+        how = check.get("method", "checked")
+        excluded = check.get("n_excluded")
+        extra = f", {excluded} calibration images left out" if excluded else ""
+        disjoint = f"disjoint — checked: {how}{extra}"
+    else:
+        disjoint = f"disjointness NOT checked: {check.get('reason', 'no record of the calibration images')}"
+    return (f"Calibration images: {r.get('n_calibration')}, evaluation images: {r.get('n_eval')} ({disjoint}); "
+            f"seeds {r.get('seeds')}; unreadable images skipped: {r.get('n_skipped', 0)}.")
+
+
+def controls_markdown(controls: dict) -> list[str]:
+    """The controls as one table, with 95% CIs (paired bootstrap; for the random gate the spread of
+    its random draws)."""
+    from .controls import table_rows
+
+    rows = table_rows(controls)
+    if not rows:
+        return []
+    lines = ["| control | scheme | setting | top-1 | Δ vs reference, pp (95% CI) | rescued / hurt | FLOPs saved | "
+             "reference | note |", "|---|---|---|---|---|---|---|---|---|"]
+    for w in rows:
+        rh = "–" if w["rescued"] is None else f"{_fmt(w['rescued'], digits=1)} / {_fmt(w['hurt'], digits=1)}"
+        lines.append(f"| {w['control']} | {w['scheme']} | {w['setting']} | {_fmt(w['top1'])} | "
+                     f"{_pp(w['delta'], w['ci95'])} | {rh} | {_fmt(w['flops_saving'], digits=1)} | "
+                     f"{w['reference']} | {w['note']} |")
+    return lines
+
+
+def _quadrant_lines(r: dict) -> list[str]:
+    q = r["quadrants"]
+    lines = ["| | both right | rescued (EE right, full wrong) | hurt (EE wrong, full right) | both wrong |",
+             "|---|---|---|---|---|",
+             f"| all | {_fmt(q['both_right'])} | {_fmt(q['rescued'])} | {_fmt(q['hurt'])} | {_fmt(q['both_wrong'])} |"]
+    for name, g in (r.get("quadrants_by_exit") or {}).items():
+        lines.append(f"| {name} ({_fmt(g['fraction'], digits=1)} of images) | {_fmt(g['both_right'])} | "
+                     f"{_fmt(g['rescued'])} | {_fmt(g['hurt'])} | {_fmt(g['both_wrong'])} |")
+    return lines + ["", "Rows \"exited\" / \"continued\": samples that left at an early exit / ran all blocks, "
+                        "as fractions of all evaluation images. A continued sample ran the same blocks under both "
+                        "systems, so rescued or hurt there comes from the batch it shared (batch-dependent "
+                        "quantization), not from the exit.", ""]
+
+
+def _seed_lines(r: dict) -> list[str]:
+    lines = ["| seed | exit layers | tau0 | INT8 full | INT8 + EE | Δ | FLOPs saved | sim = executor |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in r["per_seed"]:
+        chk = s.get("executor_check") or {}
+        tau = "no early exit" if s.get("no_early_exit") else s.get("tau0")
+        lines.append(f"| {s['seed']} | {s['exit_layers']} | {tau} | {_fmt(s['acc_full'])} | {_fmt(s['acc_ee'])} | "
+                     f"{_pp(s['delta'])} pp | {_fmt(s['flops_saving'])} | "
+                     f"{_fmt(chk.get('prediction_agreement'), digits=1)} |")
+    return lines + [""]
+
+
 def markdown(report: dict, plots: dict[str, str]) -> str:
     """``report.md``: the numbers and the pictures a reader of the paper would look for."""
     r = report
     lines = [f"# LRA-EE report — {r.get('model')} ({r.get('weights')} weights)", ""]
     if r.get("note"):
         lines += [f"> {r['note']}", ""]
-    lines += [f"Data: {r.get('data')}. Scheme: **{r.get('scheme')}**. Target: {r.get('target')}. "
-              f"Calibration images: {r.get('n_calibration')}, evaluation images: {r.get('n_eval')} "
-              f"(disjoint; seeds {r.get('seeds')}).", ""]
-    lines += ["## Accuracy and FLOPs (evaluation split)", "",
+    for flag in r.get("flags") or []:
+        lines += [f"> **Flag:** {flag}", ""]
+    lines += [f"Data: {r.get('data')}. Scheme: **{r.get('scheme')}**. Target: {r.get('target')}.", "",
+              split_sentence(r), ""]
+    b = r.get("executor_batches") or {}
+    how = (f"through the executor (`classify`), {b.get('n_batches')} recorded batches of {b.get('batch_size')} "
+           f"({b.get('order')}, seed {b.get('seed')}, digest {b.get('digest')}); INT8 full depth = the disabled policy "
+           f"on the same batches") if r.get("measured_by") == "executor" else "from exit tables (simulation)"
+    lines += ["## Accuracy and FLOPs (evaluation split)", "", f"Measured {how}.", "",
               "| | top-1 | top-5 | mean GFLOPs / image |", "|---|---|---|---|",
               f"| FP32 | {_fmt(r.get('acc_fp32'))} | {_fmt(r.get('top5_fp32'))} | – |",
-              f"| INT8 full depth | {_fmt(r.get('acc_full'))} | {_fmt(r.get('top5_full'))} | {r['flops_full'] / 1e9:.3f} |",
+              f"| INT8 full depth | {_fmt(r.get('acc_full'))} | {_fmt(r.get('top5_full'))} | "
+              f"{r['flops_full'] / 1e9:.3f} |",
               f"| INT8 + LRA-EE | {_fmt(r.get('acc_ee'))} | {_fmt(r.get('top5_ee'))} | {r['flops_ee'] / 1e9:.3f} |", "",
-              f"Δ top-1 (LRA-EE − INT8 full): **{100 * r['delta']:+.2f} pp**, paired bootstrap 95% CI "
-              f"[{100 * r['delta_ci95'][0]:+.2f}, {100 * r['delta_ci95'][1]:+.2f}] pp; "
+              f"Δ top-1 (LRA-EE − INT8 full): **{_pp(r['delta'])} pp**, paired bootstrap 95% CI "
+              f"[{_pp(r['delta_ci95'][0])}, {_pp(r['delta_ci95'][1])}] pp; "
               f"FLOPs saved: **{_fmt(r['flops_saving'])}** (exit heads and gates included); "
-              f"McNemar p (rescued vs hurt) = {r['mcnemar_p']:.3g}.", ""]
+              f"McNemar p (rescued vs hurt, exact) = {r['mcnemar_p']:.3g}.", ""]
     if r.get("over_seeds"):
         s = r["over_seeds"]
         lines += ["Over calibration seeds (mean ± std): " + ", ".join(
             f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}%" for k, v in s.items()) + ".", ""]
+    if r.get("per_seed"):
+        lines += ["### Per seed", ""] + _seed_lines(r)
+    lines += ["## Four quadrants (vs INT8 full depth, per-sample correctness against the target)", ""]
+    lines += _quadrant_lines(r)
     q = r["quadrants"]
-    lines += ["## Four quadrants (vs INT8 full depth, per-sample correctness against the target)", "",
-              "| both right | rescued (EE right, full wrong) | hurt (EE wrong, full right) | both wrong |", "|---|---|---|---|",
-              f"| {_fmt(q['both_right'])} | {_fmt(q['rescued'])} | {_fmt(q['hurt'])} | {_fmt(q['both_wrong'])} |", "",
-              f"Identity check: acc_EE − acc_full = {100 * r['delta']:+.3f} pp = rescued − hurt = "
+    lines += [f"Identity check: acc_EE − acc_full = {100 * r['delta']:+.3f} pp = rescued − hurt = "
               f"{100 * (q['rescued'] - q['hurt']):+.3f} pp.", ""]
     if "quadrants" in plots:
         lines += [f"![quadrants]({plots['quadrants']})", ""]
+    if r.get("controls"):
+        lines += ["## Controls: would they confirm or refute the rescue effect?", ""] + controls_markdown(r["controls"])
+        lines += ["", "Early-exit rows are ordered by the scheme's NSR after the last block (FP32 = 0): if "
+                  "rescued − hurt does not grow with the noise, the effect is not quantization collapse. Static "
+                  "exit, oracle, random gate and head confound are computed on the exit tables of the first seed's "
+                  "evaluation split; batch sensitivity runs the executor.", ""]
     if r.get("schemes"):
         lines += ["## Schemes: the paper's INT8, a better quantizer, and early exit on each", "",
                   "| scheme | FP32 | INT8 full | INT8 + EE | Δ (95% CI) | rescued | hurt | FLOPs saved | final NSR |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for name, s in r["schemes"].items():
             lines.append(f"| {name} | {_fmt(s.get('acc_fp32'))} | {_fmt(s['acc_full'])} | {_fmt(s['acc_ee'])} | "
-                         f"{100 * s['delta']:+.2f} [{100 * s['delta_ci95'][0]:+.2f}, {100 * s['delta_ci95'][1]:+.2f}] | "
-                         f"{_fmt(s['quadrants']['rescued'])} | {_fmt(s['quadrants']['hurt'])} | {_fmt(s['flops_saving'])} | "
+                         f"{_pp(s['delta'], s['delta_ci95'])} | {_fmt(s['quadrants']['rescued'])} | "
+                         f"{_fmt(s['quadrants']['hurt'])} | {_fmt(s['flops_saving'])} | "
                          f"{_fmt(s['nsr_per_layer'][-1], digits=1)} |")
         lines.append("")
     lines += ["## QIRC: noise-to-signal ratio per layer", ""]
     if "qirc" in plots:
         lines += [f"![QIRC]({plots['qirc']})", ""]
-    lines += ["NSR after each block (report's scheme): " + ", ".join(f"{100 * v:.1f}%" for v in r["nsr_per_layer"]), ""]
+    if r.get("nsr_per_layer"):
+        lines += ["NSR after each block (report's scheme): "
+                  + ", ".join(f"{100 * v:.1f}%" for v in r["nsr_per_layer"]), ""]
+    tau = "no early exit" if r.get("no_early_exit") else r.get("tau0")
     lines += ["## Exits", "",
-              f"Exit layers {r['exit_layers']}, INR {[round(v, 2) for v in r['inr_per_exit']]}, "
-              f"thresholds {[round(v, 3) for v in r['thresholds']]} (tau0 = {r.get('tau0')}, alpha = {r.get('alpha')}).", ""]
+              f"Exit layers {r['exit_layers']}, INR {[round(v, 2) for v in r.get('inr_per_exit') or []]}, "
+              f"thresholds {[round(v, 3) for v in r['thresholds']]} (tau0 = {tau}, alpha = {r.get('alpha')}).", ""]
     if "exit_histogram" in plots:
         lines += [f"![exit histogram]({plots['exit_histogram']})", ""]
     if "pareto" in plots:
-        lines += ["## Accuracy vs FLOPs", "", f"![pareto]({plots['pareto']})", ""]
+        lines += ["## Accuracy vs FLOPs (simulated on exit tables)", "", f"![pareto]({plots['pareto']})", ""]
     if r.get("ablations"):
-        lines += ["## Ablations (each re-calibrated on the calibration split)", "",
+        lines += ["## Ablations (each re-calibrated on the calibration split; simulated on exit tables)", "",
                   "| variant | top-1 EE | Δ vs full | FLOPs saved |", "|---|---|---|---|"]
         for name, a in r["ablations"].items():
             lines.append(f"| {name} | {_fmt(a['acc_ee'])} | {100 * a['delta']:+.2f} pp | {_fmt(a['flops_saving'])} |")
         lines.append("")
     if r.get("alpha_sweep"):
         lines += ["Alpha sweep (0 = flat threshold): " + "; ".join(
-            f"α={a['alpha']}: {_fmt(a['acc_ee'])}, saved {_fmt(a['flops_saving'])}" for a in r["alpha_sweep"]) + ".", ""]
+            f"α={a['alpha']}: {_fmt(a['acc_ee'])}, saved {_fmt(a['flops_saving'])}"
+            for a in r["alpha_sweep"]) + ".", ""]
     if r.get("executor_check"):
         e = r["executor_check"]
-        lines += [f"Executor check: on {e['n']} evaluation images the real batched executor agreed with the "
-                  f"simulated exits on {_fmt(e['exit_layer_agreement'])} of exit layers and "
-                  f"{_fmt(e['prediction_agreement'])} of predictions"
-                  + (" (the paper's scheme quantizes per batch, so compaction changes its results)." if r.get("scheme") == "paper" else "."), ""]
+        verdict = ("exact: the simulation is what the executor does" if e.get("exact") else
+                   "NOT exact: the numbers above are the executor's; simulated ones (ablations, sweeps, table "
+                   "controls) are approximations")
+        lines += [f"Simulation check ({e.get('scope', 'evaluation images')}; {e['n']} images of the first seed): the "
+                  f"exit-table simulation agreed with the executor on {_fmt(e['exit_layer_agreement'])} of exit "
+                  f"layers, "
+                  f"{_fmt(e['prediction_agreement'])} of predictions and {_fmt(e.get('full_depth_agreement'))} of "
+                  f"full-depth predictions — {verdict}.", ""]
     if r.get("throughput"):
         t = r["throughput"]
         lines += [f"## Throughput ({t.get('device')}, batch {t.get('batch_size')}, {t.get('threads')} threads)", "",
@@ -208,8 +296,9 @@ def write_report(out_dir: str | Path, report: dict, qirc_curves: dict[str, list[
     plots["quadrants"] = plot_quadrants(quadrants or {report["scheme"]: report["quadrants"]}, out / "quadrants.png",
                                         f"four quadrants ({label})").name
     if sweeps or report.get("tau0_sweep"):
+        operating = {"relative_flops": 1 - report["flops_saving"], "acc_ee": report["acc_ee"]}
         sw = sweeps or {report["scheme"]: {**report["tau0_sweep"], "acc_full": report["acc_full"],
-                                            "operating": {"relative_flops": 1 - report["flops_saving"], "acc_ee": report["acc_ee"]}}}
+                                            "operating": operating}}
         plots["pareto"] = plot_pareto(sw, out / "pareto.png", f"accuracy vs FLOPs ({label})").name
     files = {k: out / v for k, v in plots.items()}
     files["json"] = write_json(out / "report.json", report)

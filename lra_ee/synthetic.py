@@ -85,7 +85,8 @@ def measure_outlier_ratio(
         h, w = visual.image_size
         images = torch.randn(2, 3, h, w, generator=gen)
     outs = []
-    hooks = [b.ln_1.register_forward_hook(lambda m, i, o: outs.append(o.detach().float().abs())) for b in visual.transformer.resblocks]
+    hooks = [b.ln_1.register_forward_hook(lambda m, i, o: outs.append(o.detach().float().abs()))
+             for b in visual.transformer.resblocks]
     try:
         visual(images.to(visual.conv1.weight.device, visual.conv1.weight.dtype))
     finally:

@@ -122,7 +122,28 @@ def test_text_classifier_is_normalised_and_cached(tmp_path):
         for p in model.parameters():
             p.zero_()  # a cache hit must not touch the model
     assert torch.equal(text_classifier(model, tok, names, templates, "tiny-random", cache_dir=tmp_path), w)
-    other = text_classifier(open_clip.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16),
-                                           text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)).eval(),
+    other_model = open_clip.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1,
+                                                               head_width=16),
+                                 text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)).eval()
+    other = text_classifier(other_model,
                             tok, names, ["{}"], "tiny-random", cache_dir=tmp_path)
     assert not torch.equal(other, w), "different templates must not hit the same cache entry"
+
+
+def test_unreadable_images_are_counted_once_by_every_source_that_holds_them(tmp_path):
+    root = write_image_folder(tmp_path / "data", per_class=4)
+    src = load_image_folder(root, _transform(), num_workers=0)
+    broken = [i for i, (p, _) in enumerate(src.samples) if p.endswith("broken.jpg")]
+    half = src.subset([*broken, 0, 5], "half")
+    other = src.subset([1, 2])
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        list(half.batches(2))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # later passes neither warn again nor count twice
+        for _ in range(2):
+            list(half.batches(3))
+            list(src.batches(4))
+    assert half.n_skipped == 1 and src.n_skipped == 1 and other.n_skipped == 0
+    assert src.skipped == [src.samples[broken[0]][0]]

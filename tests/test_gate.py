@@ -113,3 +113,46 @@ def test_exit_layer_presets():
         resolve_exit_layers("paper", 6)
     with pytest.raises(ValueError, match="1..5"):
         resolve_exit_layers((2, 6), 6)
+
+
+def test_logistic_regression_matches_scikit_learn():
+    sklearn_lm = pytest.importorskip("sklearn.linear_model")
+    rng = np.random.default_rng(7)
+    n, l2 = 3000, 1e-2
+    z = rng.standard_normal((n, 3)) * np.array([1.0, 2.0, 0.5]) + np.array([0.3, -0.2, 0.0])
+    y = rng.random(n) < 1 / (1 + np.exp(-(z @ np.array([1.5, -0.7, 0.2]) - 0.4)))
+    w, b, _ = fit_logistic(z, y, l2=l2)
+    # ours: mean log-loss + l2/2 |w|^2 (bias free); scikit-learn: C * sum log-loss + 1/2 |w|^2  ->  C = 1 / (l2 n)
+    ref = sklearn_lm.LogisticRegression(C=1.0 / (l2 * n), tol=1e-12, max_iter=10000).fit(z, y)
+    np.testing.assert_allclose(w, ref.coef_[0], atol=1e-5)
+    assert b == pytest.approx(float(ref.intercept_[0]), abs=1e-5)
+
+
+def test_no_early_exit_is_a_possible_answer():
+    """Exits right 60% of the time with uninformative features, full depth always right: every threshold
+    up to 1 lets samples leave at the high-INR exit (its threshold is tau0 / 2), so only "no early exit"
+    keeps the calibration accuracy."""
+    from lra_kernels.config import VisionArch
+
+    from lra_ee.gate import NO_EXIT
+
+    rng = np.random.default_rng(8)
+    n = 600
+    labels = rng.integers(0, 5, n)
+    top5 = np.zeros((3, n, 5), dtype=np.int64)
+    for j in range(2):
+        top5[j, :, 0] = np.where(rng.random(n) < 0.6, labels, (labels + 1) % 5)
+    top5[2, :, 0] = labels
+    for k in range(1, 5):
+        top5[:, :, k] = (top5[:, :, 0] + k) % 5
+    t = ExitTable((2, 3, 4), "patch_mean", top5, rng.random((2, n, 3)).astype(np.float32), labels, None, np.arange(n))
+    arch = VisionArch((32, 32), (8, 8), 64, 4, 4, 256, "gelu", 32)
+    nsr = [0.0, 0.01, 0.01, 0.04, 0.2]  # INR of exit 2 is four times exit 3's: thresholds tau0/2 and 2 tau0
+    policy, rep = fit_policy(t, nsr, arch=arch, num_classes=5, exit_layers=(2, 3))
+    assert rep.no_early_exit and rep.tau0 == NO_EXIT and policy.meta["no_early_exit"]
+    assert (policy.threshold > 1).all() and rep.calib_acc_ee == rep.calib_acc_full == 1.0
+    sim = simulate(t, policy_scores(policy, t), policy.threshold.numpy())
+    assert (sim.exit_layer == 4).all()
+    np.testing.assert_allclose(thresholds(NO_EXIT, np.array([1.0, 4.0]), 1.0), [NO_EXIT, NO_EXIT])
+    best_grid = max((s for s in rep.tau0_search if s["tau0"] <= 1), key=lambda s: s["acc"])
+    assert best_grid["acc"] < 1.0, "no threshold of the old grid avoids the harmful exits"

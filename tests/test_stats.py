@@ -56,3 +56,58 @@ def test_bootstrap_ci_and_mean_std():
     assert lo < 0.7 < hi and hi - lo < 0.25
     ms = stats.mean_std([0.5, 0.7, 0.6])
     assert ms["mean"] == pytest.approx(0.6) and ms["std"] == pytest.approx(0.1) and ms["n"] == 3
+
+
+def test_mcnemar_is_exact_at_every_n_and_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(3)
+    cases = [(1, 9), (0, 7), (130, 90), (121, 59), (300, 300), (301, 300), (2100, 1900)]
+    cases += [tuple(int(x) for x in rng.integers(0, 3000, 2)) for _ in range(5)]
+    cases.append((9500, 7100))  # the paper's 9.5% / 7.1% of 100k discordant-pair scale
+    for r, h in cases:
+        want = scipy_stats.binomtest(min(r, h), r + h, 0.5).pvalue if r + h else 1.0
+        assert stats.mcnemar(r, h) == pytest.approx(want, rel=1e-9, abs=1e-300), (r, h)
+    # above 200 discordant pairs the default used to switch to the chi-square approximation
+    assert stats.mcnemar(130, 90) != pytest.approx(stats.mcnemar(130, 90, exact=False), rel=1e-3)
+
+
+def _cells(rng, n, p=(0.55, 0.1, 0.07, 0.28)):
+    cell = rng.choice(4, size=n, p=p)
+    return np.isin(cell, (0, 1)), np.isin(cell, (0, 2))  # A right in cells 0, 1; B right in cells 0, 2
+
+
+def test_paired_bootstrap_matches_scipy_bootstrap():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(4)
+    a, b = _cells(rng, 600)
+    ours = stats.paired_bootstrap(a, b, n_boot=20000, seed=5)
+    theirs = scipy_stats.bootstrap((a.astype(float), b.astype(float)), lambda x, y: x.mean() - y.mean(), paired=True,
+                                   vectorized=False, n_resamples=20000, method="percentile", random_state=6)
+    lo, hi = theirs.confidence_interval
+    assert ours["delta_ci"] == pytest.approx([lo, hi], abs=0.006)
+    acc = scipy_stats.bootstrap((a.astype(float),), np.mean, n_resamples=20000, method="percentile", random_state=7)
+    assert ours["acc_a_ci"] == pytest.approx(list(acc.confidence_interval), abs=0.006)
+    assert stats.bootstrap_ci(a, n_boot=20000, seed=8) == pytest.approx(list(acc.confidence_interval), abs=0.006)
+
+
+def test_bootstrap_memory_does_not_grow_with_n_boot_times_n():
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    a, b = _cells(rng, 40000)
+    tracemalloc.start()
+    res = stats.paired_bootstrap(a, b, n_boot=2000, seed=0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20e6, f"{peak / 1e6:.0f} MB for 2000 x 40000 resamples (index arrays would take 640 MB)"
+    assert res["delta_ci"][0] < a.mean() - b.mean() < res["delta_ci"][1]
+
+
+def test_cell_counts_and_bad_input():
+    a = np.array([1, 1, 0, 0, 1], dtype=bool)
+    b = np.array([1, 0, 1, 0, 1], dtype=bool)
+    assert stats.cell_counts(a, b).tolist() == [2, 1, 1, 1]
+    with pytest.raises(ValueError, match="correctness"):
+        stats.paired_bootstrap(np.array([0.5, 1.0]), np.array([1.0, 0.0]))
+    lo, hi = stats.bootstrap_ci(np.linspace(0, 1, 101), n_boot=500)
+    assert lo < 0.5 < hi

@@ -13,7 +13,7 @@ import gc
 
 import pytest
 import torch
-from peers import PROVIDERS, PeerUnavailable, builder
+from peers import PROVIDERS, PeerUnavailable, builder, model_info, platform_info
 
 COSINE_FLOOR = 0.9  # loose: only catches a broken provider
 ROUNDS = 8
@@ -81,5 +81,7 @@ def test_vit_b32_cpu(
     }
     if hasattr(fn, "precision"):
         info["inference_precision"] = fn.precision
+    info.update(model_info(fn))
+    info.update(platform_info())
     benchmark.extra_info.update(info)
     results[name] = info

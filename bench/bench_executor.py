@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from peers import model_info, platform_info
 from lra_ee.synthetic import policy_with_exit_fractions
 from lra_kernels import QuantEarlyExitViT
 
@@ -96,6 +97,8 @@ def test_early_exit_speedup(benchmark, setup):
             "img_per_s_full": images.shape[0] / t_full,
             "img_per_s_early_exit": images.shape[0] / t_ee,
             "target_realised_over_predicted": 0.8,
+            **model_info(qvit),
+            **platform_info(),
         }
     )
     print(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from peers import FP32, OURS, PROVIDERS  # bench/ is on sys.path (pytest's default "prepend" import mode)
+from peers import FP32, OURS, PROVIDERS, platform_info  # bench/ is on sys.path (pytest's default "prepend" import mode)
 
 MODEL = "ViT-B-32"
 BATCH = 32
@@ -180,6 +180,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     fp32 = results.get(FP32, {}).get("img_per_s")
     tr = terminalreporter
     tr.section(f"CPU {MODEL} visual, batch {BATCH}, {torch.get_num_threads()} threads (random-weight towers)")
+    info = platform_info()
+    tr.write_line(f"{info['cpu']}; CPU kernels: {info['cpu_kernels']}; torch {info['torch']}")
     head = (
         f"{'provider':<22} {'img/s':>7} {'ours/peer':>9} {'peer/fp32':>9} {'cos fp32':>9} {'cos outlier':>11} "
         f"{'others':>6}"

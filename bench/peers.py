@@ -52,6 +52,30 @@ def _torch_fn(module: nn.Module, dtype: torch.dtype = torch.float32) -> Embed:
     return fn
 
 
+def platform_info() -> dict:
+    """The machine, for every benchmark's ``extra_info``: CPU model and the int8/bf16 features the
+    CPU kernels dispatch on, the kernel ISA chosen at load, torch and the thread count."""
+    from lra_kernels import cpu
+    from lra_kernels.hardware import cpu_caps
+
+    caps = cpu_caps()
+    return {
+        "cpu": caps.summary(),
+        "cpu_flags": sorted(f for f in caps.flags if f.startswith(("avx512", "amx", "avx_vnni"))),
+        "cpu_kernels": cpu.describe(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def model_info(fn) -> dict:
+    """Backend, activation dtype and scheme of one of our models (empty for a peer)."""
+    if not hasattr(fn, "resolved_backend"):
+        return {}
+    return {"backend": fn.resolved_backend, "act_dtype": str(fn.act_dtype).replace("torch.", ""),
+            "act_quant": fn.quant_config.act_quant, "smooth_alpha": fn.quant_config.smooth_alpha}
+
+
 # ---------------------------------------------------------------------- torch
 def build_open_clip_fp32(visual: nn.Module, calibration_images: torch.Tensor, **_) -> Embed:
     """The tower as built (FP32, eager)."""
@@ -84,11 +108,43 @@ def build_lra_int8_smoothquant(visual: nn.Module, calibration_images: torch.Tens
     return QuantEarlyExitViT.from_open_clip(visual, smooth_alpha=0.5, calibration_images=calibration_images)
 
 
-def build_lra_int8_float_patch_embed(visual: nn.Module, calibration_images: torch.Tensor, **_) -> Embed:
-    """Ours with the patch embedding as a float convolution (the design's original layout)."""
+def build_lra_int8_static(visual: nn.Module, calibration_images: torch.Tensor, **_) -> Embed:
+    """Ours with static per-tensor activation scales + SmoothQuant (the same calibration images as
+    NNCF): activations stay INT8 from one GEMM's epilogue to the next GEMM, as OpenVINO's."""
     from lra_kernels import QuantEarlyExitViT
 
-    return QuantEarlyExitViT.from_open_clip(visual, int8_patch_embed=False)
+    return QuantEarlyExitViT.from_open_clip(visual, act_quant="per_tensor_static", smooth_alpha=0.5,
+                                            calibration_images=calibration_images)
+
+
+def build_lra_int8_fp32_act(visual: nn.Module, calibration_images: torch.Tensor, **_) -> Embed:
+    """Ours with fp32 activations (``act_dtype=torch.float32``) instead of the CPU default."""
+    from lra_kernels import QuantEarlyExitViT
+
+    return QuantEarlyExitViT.from_open_clip(visual, act_dtype=torch.float32)
+
+
+def build_lra_int8_torch_backend(visual: nn.Module, calibration_images: torch.Tensor, **_) -> Embed:
+    """Ours on the reference torch backend (``torch._int_mm`` + Inductor-compiled blocks, fp32): the
+    CPU path before the CPU kernels, kept as the fallback."""
+    from lra_kernels import QuantEarlyExitViT
+
+    return QuantEarlyExitViT.from_open_clip(visual, backend="torch")
+
+
+def build_torchao_int8_dynamic(visual: nn.Module, calibration_images: torch.Tensor, **_) -> Embed:
+    """torchao's ``Int8DynamicActivationInt8WeightConfig`` (per-token dynamic activations, per-channel
+    weights) on a bf16 copy of the tower, ``torch.compile``d: the library route to W8A8 in PyTorch."""
+    torchao = _import("torchao.quantization", "torchao")
+    model = copy.deepcopy(visual).to(torch.bfloat16)
+    torchao.quantize_(model, torchao.Int8DynamicActivationInt8WeightConfig())
+    compiled = torch.compile(model)
+
+    @torch.inference_mode()
+    def fn(images: torch.Tensor) -> torch.Tensor:
+        return compiled(images.to(torch.bfloat16)).float()
+
+    return fn
 
 
 # ---------------------------------------------------------------------- exports
@@ -223,10 +279,12 @@ PROVIDERS = (
     "ort_int8",
     "openvino_int8",
     "openvino_bf16",
-    "openvino_fp32",
+    "torchao_int8_dynamic",
     "lra_int8",
     "lra_int8_smoothquant",
-    "lra_int8_float_patch_embed",
+    "lra_int8_static",
+    "lra_int8_fp32_act",
+    "lra_int8_torch_backend",
 )
 OURS = "lra_int8"
 FP32 = "open_clip_fp32"

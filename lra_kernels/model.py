@@ -442,19 +442,26 @@ class QuantEarlyExitViT(nn.Module):
         return self.classifier
 
     @torch.no_grad()
-    def classify(self, images: torch.Tensor, return_gate: bool = False) -> ClassifyResult:
+    def classify(self, images: torch.Tensor, return_gate: bool = False, policy: ExitPolicy | None = None) -> ClassifyResult:
         """Zero-shot classification with early exits (full depth when the policy is disabled).
 
         Returns logits[B, C], L2-normalised embeddings[B, E], exit_layer[B] (int64; ``depth``
         means the whole network and the model's own head) and, with ``return_gate``, the gate
-        features and scores at each exit point.
+        features and scores at each exit point. ``policy``: run with this ``ExitPolicy`` instead of
+        ``self.exit_policy`` (the model is not changed; ``ExitPolicy.disabled()`` = full depth), so
+        evaluations can compare policies on one model from several threads.
         """
         text = self._require_classifier()
         images = self.check_images(images)
+        if policy is not None:
+            if not isinstance(policy, ExitPolicy):
+                raise TypeError(f"policy must be an ExitPolicy, got {type(policy).__name__}")
+            policy.validate_for(self.depth)
+        active = self.exit_policy if policy is None else policy
         with torch.autocast(images.device.type, enabled=False):
-            if self.cuda_graphs is not None and self.cuda_graphs.usable(images):
+            if policy is None and self.cuda_graphs is not None and self.cuda_graphs.usable(images):
                 return self.cuda_graphs.classify(images, return_gate)
-            parts = [run_early_exit(self, c.float(), self.exit_policy, text, self.logit_scale, return_gate)
+            parts = [run_early_exit(self, c.float(), active, text, self.logit_scale, return_gate)
                      for c in self._chunks(images)]
         return parts[0] if len(parts) == 1 else ClassifyResult.cat(parts)
 

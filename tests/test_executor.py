@@ -140,6 +140,24 @@ def test_every_row_written_once_in_order_and_matches_all_exits(qvit, case):
         assert torch.equal(res.logits[i], ref.logits[k, i]) and torch.equal(res.embeddings[i], ref.embeddings[k, i])
 
 
+def test_policy_argument_runs_that_policy_and_leaves_the_model_alone(qvit):
+    x = images_for(qvit, 11)
+    p = mixed_policy(qvit, x)
+    assert not qvit.exit_policy.enabled
+    res = qvit.classify(x, policy=p)
+    assert not qvit.exit_policy.enabled, "classify(policy=...) must not change the model's policy"
+    ref = _classify(qvit, p, x)
+    assert torch.equal(res.exit_layer, ref.exit_layer) and torch.equal(res.logits, ref.logits)
+    qvit.exit_policy = p
+    try:
+        full = qvit.classify(x, policy=ExitPolicy.disabled())
+        assert (full.exit_layer == DEPTH).all() and qvit.exit_policy is p
+    finally:
+        qvit.exit_policy = None
+    with pytest.raises(TypeError, match="policy must be an ExitPolicy"):
+        qvit.classify(x, policy="fast")
+
+
 def test_rows_do_not_depend_on_their_batch(qvit):
     x = images_for(qvit, 12, seed=4)
     p = mixed_policy(qvit, x)

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lra_kernels import ExitPolicy
+
 from .controls import merge_controls
 from .data import TensorSource
 from .experiment import SCHEME_HELP, SCHEME_LABEL, SCHEMES, ExperimentConfig, quantize, run_experiment
@@ -76,14 +78,13 @@ def run_demo(out_dir: str | Path, model: str = "ViT-B-32", seed: int = 0, n_imag
     policy = qvit.exit_policy
     runs = {
         "open_clip fp32": lambda x: tower(x),
-        f"int8 {main_scheme} full depth": lambda x: (setattr(qvit, "exit_policy", None), qvit.classify(x)),
-        f"int8 {main_scheme} + LRA-EE": lambda x: (setattr(qvit, "exit_policy", policy), qvit.classify(x)),
+        f"int8 {main_scheme} full depth": lambda x: qvit.classify(x, policy=ExitPolicy.disabled()),
+        f"int8 {main_scheme} + LRA-EE": lambda x: qvit.classify(x, policy=policy),
     }
     img_s = {}
     for name, fn in tqdm(runs.items(), desc="throughput", disable=quiet):
         with torch.inference_mode():
             img_s[name] = _throughput(fn, bench, bench_seconds)
-    qvit.exit_policy = policy
 
     report = {
         "model": model,

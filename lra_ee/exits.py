@@ -20,13 +20,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lra_kernels.executor import exit_head as _exit_head, final_head
 from lra_kernels.kernels.exit_head import exit_head_ref
 from lra_kernels.kernels.gate_features import gate_features_ref
+from lra_kernels.names import HEADS, N_FEATURES
+from lra_kernels.policy import check_exit_layers
 
 from .qirc import fp32_hidden_states
-
-HEADS = ("patch_mean", "cls")
 
 
 @dataclass
@@ -34,7 +33,7 @@ class ExitTable:
     """Predictions and gate features of one image set.
 
     layers: candidate exit layers, then ``depth``. top5[len(layers), N, k] (k = min(5, C)),
-    features[len(layers) - 1, N, 3], labels[N] (-1: unlabelled), fp32_top5[N, k] (the FP32
+    features[len(layers) - 1, N, N_FEATURES], labels[N] (-1: unlabelled), fp32_top5[N, k] (the FP32
     tower's predictions, or None), index[N] (positions in the source), depth_patch_top5[N, k]
     (the patch-mean exit head applied after the last block, or None: the head confound).
     """
@@ -110,12 +109,8 @@ def _topk(logits: torch.Tensor, k: int) -> np.ndarray:
 def collect_tables(qvit, source, layers: tuple[int, ...], heads: tuple[str, ...] = HEADS, fp32_visual=None,
                    batch_size: int = 32, desc: str | None = None) -> dict[str, ExitTable]:
     """Run the INT8 tower (and the FP32 tower, for its predictions) over ``source`` once."""
-    text = qvit._require_classifier()
-    C = text.shape[0]
-    k = min(5, C)
-    layers = tuple(sorted(set(int(x) for x in layers)))
-    if layers and (layers[0] < 1 or layers[-1] >= qvit.depth):
-        raise ValueError(f"exit layers must lie in 1..{qvit.depth - 1}, got {layers}")
+    k = min(5, qvit.require_classifier().shape[0])
+    layers = check_exit_layers(layers, qvit.depth)
     ops = qvit.ops()
     out = {h: {"top5": [], "features": []} for h in heads}
     final, depth_patch, labels, index, fp32 = [], [], [], [], []
@@ -125,21 +120,21 @@ def collect_tables(qvit, source, layers: tuple[int, ...], heads: tuple[str, ...]
         for h in heads:
             t5, fe = [], []
             for layer in layers:
-                logits, _ = _exit_head(qvit, ops, states[layer], text, qvit.logit_scale, h)
+                logits, _ = qvit.exit_head(states[layer], h, ops)
                 t5.append(_topk(logits, k))
-                fe.append(ops.gate_features(logits, states[layer]).cpu().numpy())
+                fe.append(qvit.gate_features(logits, states[layer], ops).cpu().numpy())
             out[h]["top5"].append(np.stack(t5) if t5 else np.zeros((0, images.shape[0], k), np.int64))
-            out[h]["features"].append(np.stack(fe) if fe else np.zeros((0, images.shape[0], 3), np.float32))
-        logits, _ = final_head(qvit, states[-1], text, qvit.logit_scale)
+            out[h]["features"].append(np.stack(fe) if fe else np.zeros((0, images.shape[0], N_FEATURES), np.float32))
+        logits, _ = qvit.final_head(states[-1], ops)
         final.append(_topk(logits, k))
-        logits, _ = _exit_head(qvit, ops, states[-1], text, qvit.logit_scale, "patch_mean")
+        logits, _ = qvit.exit_head(states[-1], "patch_mean", ops)
         depth_patch.append(_topk(logits, k))
         labels.append(lab.numpy())
         index.append(idx.numpy())
         if fp32_visual is not None:
             dev = next(fp32_visual.parameters()).device
             z = F.normalize(fp32_visual(images.to(dev)).float(), dim=-1)
-            fp32.append(_topk(z @ text.to(dev).t(), k))
+            fp32.append(_topk(z @ qvit.classifier.to(dev).t(), k))
     final_arr = np.concatenate(final)[None]
     tables = {}
     for h in heads:
@@ -160,9 +155,7 @@ def collect_fp32_table(visual, source, text: torch.Tensor, layers: tuple[int, ..
     text = text.to(dev).float()
     k = min(5, text.shape[0])
     depth = len(visual.transformer.resblocks)
-    layers = tuple(sorted(set(int(x) for x in layers)))
-    if layers and (layers[0] < 1 or layers[-1] >= depth):
-        raise ValueError(f"exit layers must lie in 1..{depth - 1}, got {layers}")
+    layers = check_exit_layers(layers, depth)
     ln, proj = visual.ln_post, visual.proj
     head = dict(ln_weight=ln.weight.float(), ln_bias=ln.bias.float(), eps=ln.eps,
                 proj=None if proj is None else proj.float(), text=text, logit_scale=logit_scale)
@@ -176,7 +169,7 @@ def collect_fp32_table(visual, source, text: torch.Tensor, layers: tuple[int, ..
             t5.append(_topk(logits, k))
             fe.append(gate_features_ref(logits, states[layer]).cpu().numpy())
         top5.append(np.stack(t5) if t5 else np.zeros((0, images.shape[0], k), np.int64))
-        feats.append(np.stack(fe) if fe else np.zeros((0, images.shape[0], 3), np.float32))
+        feats.append(np.stack(fe) if fe else np.zeros((0, images.shape[0], N_FEATURES), np.float32))
         z = F.normalize((out[0] if isinstance(out, tuple) else out).float(), dim=-1)
         final.append(_topk(logit_scale * z @ text.t(), k))
         depth_patch.append(_topk(exit_head_ref(states[-1], pool="patch_mean", **head)[0], k))

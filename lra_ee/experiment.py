@@ -28,7 +28,9 @@ from lra_kernels.flops import flops_model
 from . import controls as ctl
 from . import stats
 from .data import split_indices
-from .exits import HEADS, ExitTable, collect_fp32_table, collect_tables, simulate
+from lra_kernels.names import HEADS
+
+from .exits import ExitTable, collect_fp32_table, collect_tables, simulate
 from .measure import batch_plan, batch_sensitivity, run_executor, simulation_agreement
 from .method import ablations, evaluate, evaluate_outcomes, fit_policy, policy_scores
 from .provenance import CALIBRATION_KEY, calibration_record, exclude_images, fingerprints, with_meta

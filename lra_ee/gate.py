@@ -18,17 +18,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lra_kernels.kernels.gate_features import FEATURE_NAMES as FEATURES  # noqa: F401 (re-exported)
+from lra_kernels.names import N_FEATURES
 
 NO_EXIT = 2.0  # the tau0 of "no early exit": thresholds above any gate probability
 
 
 @dataclass(frozen=True)
 class GateFit:
-    weight: np.ndarray  # [3] (zeros for dropped features)
+    weight: np.ndarray  # [N_FEATURES] (zeros for dropped features)
     bias: float
-    mean: np.ndarray  # [3]
-    std: np.ndarray  # [3]
+    mean: np.ndarray  # [N_FEATURES]
+    std: np.ndarray  # [N_FEATURES]
     n: int
     positive_rate: float
     log_loss: float
@@ -36,7 +36,7 @@ class GateFit:
 
 
 def standardisation(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of ``features[N, 3]`` over finite rows (std floored at 1e-6)."""
+    """Mean and std of ``features[N, F]`` over finite rows (std floored at 1e-6)."""
     f = np.asarray(features, dtype=np.float64)
     finite = np.isfinite(f).all(axis=1)
     if not finite.any():
@@ -83,17 +83,17 @@ def fit_logistic(z: np.ndarray, y: np.ndarray, l2: float = 1e-3, max_iter: int =
     return theta[:-1], float(theta[-1]), it
 
 
-def train_gate(features: np.ndarray, correct: np.ndarray, use: tuple[int, ...] = (0, 1, 2),
+def train_gate(features: np.ndarray, correct: np.ndarray, use: tuple[int, ...] | None = None,
                l2: float = 1e-3) -> GateFit:
-    """Fit one exit's gate on ``features[N, 3]`` and targets ``correct[N]`` using the feature
-    columns in ``use`` (the others get weight 0: the feature-drop ablation)."""
+    """Fit one exit's gate on ``features[N, N_FEATURES]`` and targets ``correct[N]`` using the feature
+    columns in ``use`` (default: all; the others get weight 0: the feature-drop ablation)."""
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(correct, dtype=bool)
     finite = np.isfinite(f).all(axis=1)
     f, y = f[finite], y[finite]
     mean, std = standardisation(f)
     z = (f - mean) / std
-    cols = list(use)
+    cols = list(range(N_FEATURES) if use is None else use)
     w_sub, b, it = fit_logistic(z[:, cols], y, l2=l2)
     w = np.zeros(f.shape[1])
     w[cols] = w_sub
@@ -102,7 +102,7 @@ def train_gate(features: np.ndarray, correct: np.ndarray, use: tuple[int, ...] =
 
 
 def gate_scores(fit: GateFit, features: np.ndarray) -> np.ndarray:
-    """Gate probabilities for ``features[N, 3]``; NaN rows stay NaN (and never exit)."""
+    """Gate probabilities for ``features[N, N_FEATURES]``; NaN rows stay NaN (and never exit)."""
     z = (np.asarray(features, dtype=np.float64) - fit.mean) / fit.std
     return 1.0 / (1.0 + np.exp(-(z @ fit.weight + fit.bias)))
 

@@ -88,32 +88,27 @@ def run_executor(qvit, source, plan: np.ndarray, batch_size: int, policies: dict
     once per policy (``ExitPolicy.disabled()`` = the full-depth model). ``cache`` maps
     ``(policy name, batch positions)`` to results already measured on exactly that batch."""
     plan = np.asarray(plan, dtype=np.int64)
-    k = min(5, qvit._require_classifier().shape[0])
-    saved = qvit.exit_policy
+    k = min(5, qvit.require_classifier().shape[0])
     cache = {} if cache is None else cache
     index, labels, batches = [], [], []
     top5 = {name: [] for name in policies}
     exits = {name: [] for name in policies}
     sub = source.subset(plan)
-    try:
-        for images, lab, idx in tqdm(sub.batches(batch_size), total=-(-len(sub) // batch_size), desc=desc,
-                                     disable=desc is None, leave=False):
-            pos = plan[idx.numpy()]
-            key = tuple(int(p) for p in pos)
-            for name, policy in policies.items():
-                if (name, key) not in cache:
-                    qvit.exit_policy = policy
-                    res = qvit.classify(images.to(qvit.device))
-                    cache[(name, key)] = (res.logits.topk(k, dim=-1).indices.cpu().numpy(),
-                                          res.exit_layer.cpu().numpy().astype(np.int64))
-                t5, el = cache[(name, key)]
-                top5[name].append(t5)
-                exits[name].append(el)
-            index.append(pos)
-            labels.append(lab.numpy())
-            batches.append(list(key))
-    finally:
-        qvit.exit_policy = saved
+    for images, lab, idx in tqdm(sub.batches(batch_size), total=-(-len(sub) // batch_size), desc=desc,
+                                 disable=desc is None, leave=False):
+        pos = plan[idx.numpy()]
+        key = tuple(int(p) for p in pos)
+        for name, policy in policies.items():
+            if (name, key) not in cache:
+                res = qvit.classify(images.to(qvit.device), policy=policy)
+                cache[(name, key)] = (res.logits.topk(k, dim=-1).indices.cpu().numpy(),
+                                      res.exit_layer.cpu().numpy().astype(np.int64))
+            t5, el = cache[(name, key)]
+            top5[name].append(t5)
+            exits[name].append(el)
+        index.append(pos)
+        labels.append(lab.numpy())
+        batches.append(list(key))
     if not index:
         raise ValueError("no readable image ran through the executor")
     return ExecutorRun(np.concatenate(index), np.concatenate(labels), {n: np.concatenate(v) for n, v in top5.items()},

@@ -12,10 +12,12 @@ import torch
 
 from lra_kernels import ExitPolicy
 from lra_kernels.flops import flops_model
+from lra_kernels.names import GATE_FEATURES, N_FEATURES
+from lra_kernels.policy import check_exit_layers
 
 from . import stats
 from .exits import ExitTable, simulate
-from .gate import FEATURES, NO_EXIT, GateFit, gate_scores, inr, thresholds, train_gate
+from .gate import NO_EXIT, GateFit, gate_scores, inr, thresholds, train_gate
 
 PAPER_EXITS = {"ViT-B-32": (8, 10, 11)}  # the paper's exits for ViT-B/32 (blocks run before each exit)
 TAU0_GRID = np.round(np.linspace(0.05, 1.0, 96), 4)
@@ -36,8 +38,8 @@ def resolve_exit_layers(spec, depth: int) -> tuple[int, ...] | None:
         return layers
     if isinstance(spec, str):
         spec = [int(x) for x in spec.split(",") if x.strip()]
-    layers = tuple(sorted(set(int(x) for x in spec)))
-    if not layers or layers[0] < 1 or layers[-1] > depth - 1:
+    layers = check_exit_layers(spec, depth)
+    if not layers:
         raise ValueError(f"exit layers must be a non-empty set within 1..{depth - 1}, got {spec}")
     return layers
 
@@ -118,7 +120,7 @@ def fit_policy(
     alpha: float = 1.0,
     tau0: float | None = None,
     flops_budget: float | None = None,
-    features: tuple[int, ...] = (0, 1, 2),
+    features: tuple[int, ...] = tuple(range(N_FEATURES)),
     inr_floor: float | None = None,
     max_exits: int = 3,
 ) -> tuple[ExitPolicy, CalibrationReport]:
@@ -172,13 +174,13 @@ def fit_policy(
     taus, acc_ee, saving = evaluate_tau0(float(tau0))
     no_exit = float(tau0) > 1.0
     meta = {"scheme": scheme, "alpha": alpha, "tau0": float(tau0), "target": target_kind,
-            "features": [FEATURES[i] for i in features], "no_early_exit": no_exit}
+            "features": [GATE_FEATURES[i] for i in features], "no_early_exit": no_exit}
     policy = _policy(fits, layers, taus, table.head, meta=meta)
     report = CalibrationReport(
         scheme=scheme, target=target_kind, n_calibration=table.n, candidate_layers=list(table.exit_layers),
         acc_per_layer=acc, nsr_per_layer=nsr,
         inr_per_layer={layer: float(inr(acc[layer], nsr[layer])) for layer in table.layers},
-        exit_layers=list(layers), inr_per_exit=inr_exits.tolist(), features=[FEATURES[i] for i in features],
+        exit_layers=list(layers), inr_per_exit=inr_exits.tolist(), features=[GATE_FEATURES[i] for i in features],
         gates=[{"weight": f.weight.tolist(), "bias": f.bias, "feature_mean": f.mean.tolist(),
                 "feature_std": f.std.tolist(),
                 "positive_rate": f.positive_rate, "log_loss": f.log_loss, "n": f.n} for f in fits],
@@ -187,16 +189,6 @@ def fit_policy(
         tau0_search=search, no_early_exit=no_exit,
     )
     return policy, report
-
-
-def calibrate(qvit, table: ExitTable, nsr_per_layer: list[float], **kwargs):
-    """Fit the exit policy on the calibration ``table`` and install it: ``(qvit, CalibrationReport)``."""
-    kwargs.setdefault("arch", qvit.arch)
-    kwargs.setdefault("num_classes", qvit._require_classifier().shape[0])
-    kwargs.setdefault("scheme", qvit.quant_config.act_quant)
-    policy, report = fit_policy(table, nsr_per_layer, **kwargs)
-    qvit.exit_policy = policy
-    return qvit, report
 
 
 @dataclass
@@ -323,8 +315,8 @@ def ablations(calib: dict[str, ExitTable], evalt: dict[str, ExitTable], nsr_per_
                 "thresholds": rep.thresholds}
 
     out: dict = {"reference": run()}
-    for k, name in enumerate(FEATURES):
-        out[f"drop_{name}"] = run(features=tuple(i for i in range(3) if i != k))
+    for k, name in enumerate(GATE_FEATURES):
+        out[f"drop_{name}"] = run(features=tuple(i for i in range(N_FEATURES) if i != k))
     if "cls" in calib and "cls" in evalt:
         out["cls_head"] = run(head="cls")
     out["flat_thresholds"] = run(alpha=0.0)

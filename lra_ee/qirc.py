@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lra_kernels.heads import exit_head, own_head
 from lra_kernels.kernels.exit_head import exit_head_ref
 
 
@@ -66,20 +67,13 @@ def fp32_reference(visual: nn.Module, images: torch.Tensor, batch_size: int = 16
             for s in range(0, images.shape[0], batch_size)]
 
 
-def _head_embedding(visual_or_q, x: torch.Tensor, head_pool: str | None) -> torch.Tensor:
-    ln = visual_or_q.ln_post
-    proj = visual_or_q.proj
-    if head_pool is None:  # the model's own head
-        pooled = x[:, 1:].mean(1) if visual_or_q.pool_type == "avg" else x[:, 0]
-        if getattr(visual_or_q, "final_ln_after_pool", False) or visual_or_q.pool_type == "tok":
-            e = F.layer_norm(pooled, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
-        else:
-            e = F.layer_norm(x, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)[:, 1:].mean(1)
-        e = e @ proj.float() if proj is not None else e
-        return F.normalize(e, dim=-1)
-    dummy_text = torch.zeros(1, proj.shape[1] if proj is not None else x.shape[-1])
-    _, z = exit_head_ref(x, ln.weight.float(), ln.bias.float(), ln.eps, proj.float() if proj is not None else None,
-                         dummy_text, 1.0, head_pool)
+def _head_embedding(tower, x: torch.Tensor, head_pool: str | None) -> torch.Tensor:
+    """The L2-normalised embedding of ``tower`` (the FP32 open_clip tower or its INT8 version) on tokens ``x``:
+    its own head (``head_pool`` None) or an exit head; plain products (``torch.matmul``), the same for both towers."""
+    if head_pool is None:
+        return F.normalize(own_head(tower, x, matmul=torch.matmul)[0], dim=-1)
+    dummy_text = torch.zeros(1, tower.proj.shape[1] if tower.proj is not None else x.shape[-1])
+    _, z = exit_head(tower, exit_head_ref, x, dummy_text, 1.0, head_pool)
     return z
 
 

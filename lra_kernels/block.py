@@ -1,10 +1,14 @@
 """The quantized transformer block: ``QuantLinear``, ``QuantAttention``, ``QuantMLP``, ``QuantBlock``.
 
-Modules hold buffers and call the backend's operations (``lra_kernels.backend``); they do no
-index arithmetic of their own. Names mirror open_clip's ``ResidualAttentionBlock``
+Modules hold buffers and call the backend's operations (an ``lra_kernels.ops.Ops``); they do no
+index arithmetic of their own and never branch on the backend. Names mirror open_clip's ``ResidualAttentionBlock``
 (``ln_1``, ``attn.in_proj``, ``attn.out_proj``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``).
 
-Activation quantization modes of a ``QuantLinear``:
+Each module is built from its parts (``QuantLinear.from_float`` quantizes a float weight; the
+converter, ``lra_kernels.convert``, builds blocks from them); ``empty(...)`` builds the structure a
+saved state dict is loaded into.
+
+Activation quantization modes of a ``QuantLinear`` (``names.MODES``):
 
 - ``per_token``: symmetric, one scale per row at run time (default; fused with the LayerNorm
   in front of ``in_proj`` and ``c_fc``).
@@ -21,10 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels.int8_gemm import ACTIVATIONS, apply_activation
-from .quant import quantize_paper_dynamic_ref, quantize_weight_paper, quantize_weight_per_channel
-
-MODES = ("per_token", "per_tensor_static", "paper", "float")
+from .kernels.int8_gemm import apply_activation
+from .names import ACTIVATIONS, MODES
+from .quant import quantize_weight_paper, quantize_weight_per_channel
 
 
 class QuantLinear(nn.Module):
@@ -65,11 +68,13 @@ class QuantLinear(nn.Module):
         bias: torch.Tensor | None,
         mode: str,
         x_scale: float | torch.Tensor | None = None,
-    ) -> "QuantLinear":
-        """Quantize a float ``weight[N, K]`` (``x_scale``: the calibrated input scale, ``per_tensor_static`` only)."""
+        smooth_inv: torch.Tensor | None = None,
+    ) -> QuantLinear:
+        """Quantize a float ``weight[N, K]`` (``x_scale``: the calibrated input scale, ``per_tensor_static`` only;
+        ``smooth_inv[K]``: SmoothQuant factors applied to the input while quantizing)."""
         N, K = weight.shape
         w = weight.detach().float()
-        layer = cls(K, N, mode, bias=bias is not None)
+        layer = cls(K, N, mode, bias=bias is not None, smooth=smooth_inv is not None)
         with torch.no_grad():
             if mode == "float":
                 layer.weight.copy_(w)
@@ -84,6 +89,8 @@ class QuantLinear(nn.Module):
                 if x_scale is None:
                     raise ValueError("per_tensor_static needs a calibrated x_scale")
                 layer.x_scale.copy_(torch.as_tensor(x_scale, dtype=torch.float32))
+            if smooth_inv is not None:
+                layer.smooth_inv.copy_(smooth_inv.detach().float())
         return layer
 
     def quantize(self, x: torch.Tensor, ops) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +100,7 @@ class QuantLinear(nn.Module):
         if self.mode == "per_tensor_static":
             return ops.quantize_per_tensor(x, self.x_scale, self.smooth_inv)
         if self.mode == "paper":
-            return quantize_paper_dynamic_ref(x)
+            return ops.quantize_paper(x)
         raise RuntimeError("a float layer has no quantizer")
 
     def gemm(
@@ -133,23 +140,40 @@ class QuantLinear(nn.Module):
 
 
 class QuantAttention(nn.Module):
-    def __init__(self, width: int, n_head: int, mode: str, bias: bool = True):
+    """``in_proj`` (qkv) and ``out_proj`` of ``n_head``-head self-attention (the core is ``ops.attention``)."""
+
+    def __init__(self, in_proj: QuantLinear, out_proj: QuantLinear, n_head: int):
         super().__init__()
+        width = out_proj.out_features
         if width % n_head:
             raise ValueError(f"width {width} is not divisible by n_head {n_head}")
+        if (in_proj.in_features, in_proj.out_features, out_proj.in_features) != (width, 3 * width, width):
+            raise ValueError(f"in_proj must be [{3 * width}, {width}] and out_proj [{width}, {width}], got "
+                             f"[{in_proj.out_features}, {in_proj.in_features}] and "
+                             f"[{out_proj.out_features}, {out_proj.in_features}]")
         self.n_head = n_head
-        self.in_proj = QuantLinear(width, 3 * width, mode, bias=bias)
-        self.out_proj = QuantLinear(width, width, mode, bias=bias)
+        self.in_proj = in_proj
+        self.out_proj = out_proj
+
+    @classmethod
+    def empty(cls, width: int, n_head: int, mode: str, bias: bool = True) -> QuantAttention:
+        return cls(QuantLinear(width, 3 * width, mode, bias=bias), QuantLinear(width, width, mode, bias=bias), n_head)
 
 
 class QuantMLP(nn.Module):
-    def __init__(self, width: int, hidden: int, activation: str, mode: str, smooth_proj: bool = False):
+    """``c_fc`` (+ the activation, fused in its GEMM) then ``c_proj``."""
+
+    def __init__(self, c_fc: QuantLinear, c_proj: QuantLinear, activation: str):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.activation = activation
-        self.c_fc = QuantLinear(width, hidden, mode)
-        self.c_proj = QuantLinear(hidden, width, mode, smooth=smooth_proj)
+        self.c_fc = c_fc
+        self.c_proj = c_proj
+
+    @classmethod
+    def empty(cls, width: int, hidden: int, activation: str, mode: str, smooth_proj: bool = False) -> QuantMLP:
+        return cls(QuantLinear(width, hidden, mode), QuantLinear(hidden, width, mode, smooth=smooth_proj), activation)
 
 
 class QuantBlock(nn.Module):
@@ -159,8 +183,16 @@ class QuantBlock(nn.Module):
     -> LN+quant -> c_fc GEMM (+GELU) -> quant -> c_proj GEMM (+residual).
     """
 
-    def __init__(
-        self,
+    def __init__(self, ln_1: nn.LayerNorm, attn: QuantAttention, ln_2: nn.LayerNorm, mlp: QuantMLP):
+        super().__init__()
+        self.ln_1 = ln_1
+        self.attn = attn
+        self.ln_2 = ln_2
+        self.mlp = mlp
+
+    @classmethod
+    def empty(
+        cls,
         width: int,
         n_head: int,
         hidden: int,
@@ -170,12 +202,10 @@ class QuantBlock(nn.Module):
         mlp_mode: str,
         attn_bias: bool = True,
         smooth_proj: bool = False,
-    ):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width, eps=eps)
-        self.attn = QuantAttention(width, n_head, attn_mode, bias=attn_bias)
-        self.ln_2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = QuantMLP(width, hidden, activation, mlp_mode, smooth_proj=smooth_proj)
+    ) -> QuantBlock:
+        """The structure of a block (zero weights), for a state dict to be loaded into."""
+        return cls(nn.LayerNorm(width, eps=eps), QuantAttention.empty(width, n_head, attn_mode, bias=attn_bias),
+                   nn.LayerNorm(width, eps=eps), QuantMLP.empty(width, hidden, activation, mlp_mode, smooth_proj))
 
     def _norm_linear(self, x, norm: nn.LayerNorm, linear: QuantLinear, ops, activation="none", out_dtype=None):
         out_dtype = out_dtype or x.dtype

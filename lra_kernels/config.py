@@ -6,10 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .kernels.int8_gemm import ACTIVATIONS
-
-ACT_QUANT = ("per_token", "per_tensor_static", "paper")
-POOL_TYPES = ("tok", "avg")
+from .names import ACT_QUANT, ACTIVATIONS, POOL_TYPES
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""open_clip ``VisionTransformer`` -> ``QuantEarlyExitViT``: checks, calibration, SmoothQuant folding.
+"""open_clip ``VisionTransformer`` -> the parts of a quantized tower: checks, calibration, SmoothQuant folding.
+
+``convert_open_clip(visual, config, calibration_images)`` returns ``(VisionArch, TowerParts)``, every
+module built whole from the FP32 tower (``QuantEarlyExitViT.from_open_clip`` wraps them); nothing
+here knows the model class.
 
 SmoothQuant factors ``s`` divide a GEMM input and multiply the weight's columns:
 
@@ -20,13 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backend import attention_ref
-from .block import QuantBlock, QuantLinear
+from .block import QuantAttention, QuantBlock, QuantLinear, QuantMLP
 from .config import QuantConfig, VisionArch
+from .kernels.attention import attention_ref
 from .kernels.int8_gemm import apply_activation
-from .model import QuantEarlyExitViT
+from .names import GEMMS, POOL_TYPES, QMAX
+from .quant import smooth_factors
+from .tower import PatchEmbed, TowerParts
 
-GEMMS = ("in_proj", "out_proj", "c_fc", "c_proj")
 CALIBRATION_BATCH = 32
 PERCENTILE_ROWS = 4096  # rows kept per GEMM input for percentile clipping
 
@@ -80,8 +85,8 @@ def arch_from_visual(visual: nn.Module) -> VisionArch:
         )
     if getattr(visual, "attn_pool", None) is not None:
         raise NotImplementedError("towers with an attentional pooler (CoCa-style attn_pool) are not supported")
-    if visual.pool_type not in ("tok", "avg"):
-        raise NotImplementedError(f"pool_type {visual.pool_type!r} is not supported (expected 'tok' or 'avg')")
+    if visual.pool_type not in POOL_TYPES:
+        raise NotImplementedError(f"pool_type {visual.pool_type!r} is not supported (expected one of {POOL_TYPES})")
     blocks = list(visual.transformer.resblocks)
     if not blocks:
         raise NotImplementedError("a tower without blocks is not supported")
@@ -251,20 +256,22 @@ def collect_stats(
 def _static_scale(st: ActivationStats, smooth: torch.Tensor | None, percentile: float | None) -> torch.Tensor:
     if percentile is None:
         amax = st.amax if smooth is None else st.amax / smooth
-        return amax.max().clamp_min(1e-12) / 127.0
+        return amax.max().clamp_min(1e-12) / float(QMAX)
     rows = torch.cat(st.rows)
     if smooth is not None:
         rows = rows / smooth
     flat = rows.abs().flatten()
     k = max(1, min(flat.numel(), int(round(flat.numel() * percentile / 100.0))))
-    return flat.kthvalue(k).values.clamp_min(1e-12) / 127.0
+    return flat.kthvalue(k).values.clamp_min(1e-12) / float(QMAX)
 
 
 # ---------------------------------------------------------------------- conversion
-def _set_ln(ln: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def _layer_norm(weight: torch.Tensor, bias: torch.Tensor, eps: float) -> nn.LayerNorm:
+    ln = nn.LayerNorm(weight.shape[0], eps=eps)
     with torch.no_grad():
         ln.weight.copy_(weight)
         ln.bias.copy_(bias)
+    return ln
 
 
 def smooth_block(p: FloatBlockParams, stats: dict[str, ActivationStats], alpha: float):
@@ -274,8 +281,6 @@ def smooth_block(p: FloatBlockParams, stats: dict[str, ActivationStats], alpha: 
     rounding) with flattened GEMM inputs; ``factors[name]`` is the ``s[K]`` each GEMM input was
     divided by (the weights' columns are multiplied by it).
     """
-    from .quant import smooth_factors
-
     D = p.ln_1[0].shape[0]
     s = {name: smooth_factors(stats[name].amax, p.w[name], alpha) for name in GEMMS}
     w = {name: p.w[name] * s[name][None, :] for name in GEMMS}
@@ -305,35 +310,28 @@ def quantize_block(
     x_scale = dict.fromkeys(GEMMS)
     if config.act_quant == "per_tensor_static":
         x_scale = {name: _static_scale(stats[name], smooth[name], config.static_percentile) for name in GEMMS}
-
-    block = QuantBlock(
-        arch.width, p.n_head, arch.mlp_hidden, p.activation, p.eps, config.attn_mode, config.mlp_mode,
-        attn_bias=arch.attn_bias, smooth_proj=p.c_proj_smooth_inv is not None,
+    mode = {"in_proj": config.attn_mode, "out_proj": config.attn_mode, "c_fc": config.mlp_mode, "c_proj": config.mlp_mode}
+    smooth_inv = {"c_proj": p.c_proj_smooth_inv}
+    linear = {name: QuantLinear.from_float(p.w[name], p.b[name], mode[name], x_scale=x_scale[name],
+                                           smooth_inv=smooth_inv.get(name))
+              for name in GEMMS}
+    return QuantBlock(
+        _layer_norm(*p.ln_1, p.eps),
+        QuantAttention(linear["in_proj"], linear["out_proj"], p.n_head),
+        _layer_norm(*p.ln_2, p.eps),
+        QuantMLP(linear["c_fc"], linear["c_proj"], p.activation),
     )
-    _set_ln(block.ln_1, *p.ln_1)
-    _set_ln(block.ln_2, *p.ln_2)
-    layers = {
-        "in_proj": (block.attn, config.attn_mode),
-        "out_proj": (block.attn, config.attn_mode),
-        "c_fc": (block.mlp, config.mlp_mode),
-        "c_proj": (block.mlp, config.mlp_mode),
-    }
-    for name, (parent, mode) in layers.items():
-        q = QuantLinear.from_float(p.w[name], p.b[name], mode, x_scale=x_scale[name])
-        setattr(parent, name, q)
-    if p.c_proj_smooth_inv is not None:
-        block.mlp.c_proj.smooth_inv = p.c_proj_smooth_inv.clone()
-    return block
 
 
 def convert_open_clip(
     visual: nn.Module,
     config: QuantConfig,
     calibration_images: torch.Tensor | None = None,
-    backend: str = "auto",
-    compile_blocks: bool | None = None,
-    act_dtype=None,
-) -> QuantEarlyExitViT:
+) -> tuple[VisionArch, TowerParts]:
+    """The architecture and the quantized parts of ``visual`` (an open_clip ``VisionTransformer``, not modified).
+
+    ``calibration_images`` is required when ``config.needs_calibration`` (static scales, SmoothQuant).
+    Parts are on the CPU, float tensors fp32."""
     arch = arch_from_visual(visual)
     if config.needs_calibration and calibration_images is None:
         what = "act_quant='per_tensor_static'" if config.act_quant == "per_tensor_static" else "smooth_alpha"
@@ -344,24 +342,24 @@ def convert_open_clip(
         keep = config.static_percentile is not None
         stats = collect_stats(visual, blocks, calibration_images, keep_rows=keep)
 
-    model = QuantEarlyExitViT(arch, config, backend=backend, compile_blocks=compile_blocks, act_dtype=act_dtype)
-    with torch.no_grad():
-        conv_w = visual.conv1.weight.detach().float().cpu()
-        if config.int8_patch_embed:
-            model.conv1.linear = QuantLinear.from_float(conv_w.reshape(arch.width, -1), None, "per_token")
-        else:
-            model.conv1.weight.copy_(conv_w)
-        model.class_embedding.copy_(visual.class_embedding.detach().float())
-        model.positional_embedding.copy_(visual.positional_embedding.detach().float())
-        if not arch.no_ln_pre:
-            _set_ln(model.ln_pre, visual.ln_pre.weight.detach().float(), visual.ln_pre.bias.detach().float())
-        _set_ln(model.ln_post, visual.ln_post.weight.detach().float(), visual.ln_post.bias.detach().float())
-        if arch.has_proj:
-            model.proj.copy_(visual.proj.detach().float())
-    blocks_q = [
-        quantize_block(p, config, arch, None if stats is None else stats[i])
-        for i, p in enumerate(blocks)
-    ]
-    model.transformer.resblocks = nn.ModuleList(blocks_q)
-    model.requires_grad_(False)
-    return model.to(visual.conv1.weight.device).eval()
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().float().cpu().clone()
+
+    conv_w = f32(visual.conv1.weight)
+    if config.int8_patch_embed:
+        conv1 = PatchEmbed(arch.patch_size, linear=QuantLinear.from_float(conv_w.reshape(arch.width, -1), None,
+                                                                           "per_token"))
+    else:
+        conv1 = PatchEmbed(arch.patch_size, weight=conv_w)
+    ln_pre = nn.Identity() if arch.no_ln_pre else _layer_norm(f32(visual.ln_pre.weight), f32(visual.ln_pre.bias),
+                                                              arch.eps)
+    parts = TowerParts(
+        conv1=conv1,
+        class_embedding=f32(visual.class_embedding),
+        positional_embedding=f32(visual.positional_embedding),
+        ln_pre=ln_pre,
+        blocks=[quantize_block(p, config, arch, None if stats is None else stats[i]) for i, p in enumerate(blocks)],
+        ln_post=_layer_norm(f32(visual.ln_post.weight), f32(visual.ln_post.bias), arch.eps),
+        proj=f32(visual.proj) if arch.has_proj else None,
+    )
+    return arch, parts.check(arch)

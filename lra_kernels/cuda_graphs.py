@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from .executor import ClassifyResult, exit_head, final_head
+from .executor import ClassifyResult
+from .heads import exit_head, final_head
+from .names import N_FEATURES
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -129,8 +131,8 @@ class GraphedViT:
                 pooled, tokens = m.pool(x)
                 return (pooled, tokens) if m.output_tokens else (pooled,)
             if kind == "final":
-                return final_head(m, x, text, scale)
-            logits, z = exit_head(m, ops, x, text, scale, policy.head)
+                return final_head(m, x, text, scale, ops.matmul_rows)
+            logits, z = exit_head(m, ops.exit_head, x, text, scale, policy.head)
             feats = ops.gate_features(logits, x)
             scores = policy.gate_scores(j, feats)
             return x, logits, z, feats, scores, scores >= policy.resident(x.device)["threshold"][j]
@@ -163,7 +165,7 @@ class GraphedViT:
         logits_out = torch.full((B, C), float("nan"), device=device)
         emb_out = torch.full((B, E), float("nan"), device=device)
         exit_layer = torch.full((B,), m.depth, dtype=torch.int64, device=device)
-        feats_out = torch.full((B, L, 3), float("nan"), device=device) if return_gate else None
+        feats_out = torch.full((B, L, N_FEATURES), float("nan"), device=device) if return_gate else None
         scores_out = torch.full((B, L), float("nan"), device=device) if return_gate else None
         active, x, start = torch.arange(B, device=device), images, 0
         for j, layer in enumerate(policy.exit_layers):

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .heads import exit_head, final_head
+from .names import N_FEATURES
 from .policy import ExitPolicy
 
 
@@ -31,7 +33,7 @@ class ClassifyResult:
 
     logits[B, C] fp32; embeddings[B, E] fp32, L2-normalised; exit_layer[B] int64 (blocks run,
     ``depth`` = the whole network and the model's own head). With ``return_gate``:
-    gate_features[B, L, 3] and gate_scores[B, L] at each exit point, NaN where the sample had
+    gate_features[B, L, N_FEATURES] and gate_scores[B, L] at each exit point, NaN where the sample had
     already left.
     """
 
@@ -56,7 +58,7 @@ class AllExitsResult:
     """Every exit evaluated on every sample (no early stop): what calibration and evaluation need.
 
     layers: the exit layers, then ``depth``. logits[len(layers), B, C], embeddings[len(layers), B, E]
-    (normalised), features[len(layers) - 1, B, 3] (gate features at the exits).
+    (normalised), features[len(layers) - 1, B, N_FEATURES] (gate features at the exits).
     """
 
     layers: tuple[int, ...]
@@ -69,22 +71,6 @@ class AllExitsResult:
         """Samples of several results, in order (dimension 1)."""
         return cls(parts[0].layers, *(torch.cat([getattr(p, n) for p in parts], dim=1)
                                       for n in ("logits", "embeddings", "features")))
-
-
-def _normalise(e: torch.Tensor) -> torch.Tensor:
-    return e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def final_head(model, x: torch.Tensor, text: torch.Tensor, logit_scale: float, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's own head on tokens ``x``, then cosine logits: ``(logits, z)``."""
-    ops = ops or model.ops()
-    pooled, _ = model.pool(x, ops)
-    z = _normalise(pooled.float())
-    return logit_scale * ops.matmul_rows(z, text.t()), z
-
-
-def exit_head(model, ops, x: torch.Tensor, text: torch.Tensor, logit_scale: float, head: str):
-    return ops.exit_head(x, model.ln_post.weight, model.ln_post.bias, model.ln_post.eps, model.proj, text, logit_scale, head)
 
 
 def run_early_exit(
@@ -104,7 +90,7 @@ def run_early_exit(
     logits_out = torch.full((B, C), float("nan"), device=device)
     emb_out = torch.full((B, E), float("nan"), device=device)
     exit_layer = torch.full((B,), model.depth, dtype=torch.int64, device=device)
-    feats_out = torch.full((B, L, 3), float("nan"), device=device) if return_gate else None
+    feats_out = torch.full((B, L, N_FEATURES), float("nan"), device=device) if return_gate else None
     scores_out = torch.full((B, L), float("nan"), device=device) if return_gate else None
     exit_index = {layer: j for j, layer in enumerate(policy.exit_layers)}
     if B == 0:
@@ -117,7 +103,7 @@ def run_early_exit(
         j = exit_index.get(layer)
         if j is None:
             continue
-        logits, z = exit_head(model, ops, x, text, logit_scale, policy.head)
+        logits, z = exit_head(model, ops.exit_head, x, text, logit_scale, policy.head)
         feats = ops.gate_features(logits, x)
         scores = policy.gate_scores(j, feats)
         leave = scores >= policy.resident(device)["threshold"][j]  # NaN scores stay
@@ -140,7 +126,7 @@ def run_early_exit(
         if n_stay == 0:
             break
     if active.numel():
-        logits, z = final_head(model, x, text, logit_scale, ops)
+        logits, z = final_head(model, x, text, logit_scale, ops.matmul_rows)
         logits_out.index_copy_(0, active, logits)
         emb_out.index_copy_(0, active, z)
         if trace is not None:
@@ -159,13 +145,13 @@ def run_all_exits(
     for layer in range(1, model.depth + 1):
         x = model.run_block(layer - 1, x, ops)
         if layer in wanted:
-            logits, z = exit_head(model, ops, x, text, logit_scale, head)
+            logits, z = exit_head(model, ops.exit_head, x, text, logit_scale, head)
             logits_all.append(logits)
             emb_all.append(z)
             feats_all.append(ops.gate_features(logits, x))
-    logits, z = final_head(model, x, text, logit_scale, ops)
+    logits, z = final_head(model, x, text, logit_scale, ops.matmul_rows)
     logits_all.append(logits)
     emb_all.append(z)
     B = images.shape[0]
-    feats = torch.stack(feats_all) if feats_all else torch.zeros(0, B, 3, device=images.device)
+    feats = torch.stack(feats_all) if feats_all else torch.zeros(0, B, N_FEATURES, device=images.device)
     return AllExitsResult(tuple(sorted(wanted)) + (model.depth,), torch.stack(logits_all), torch.stack(emb_all), feats)

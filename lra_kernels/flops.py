@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .names import N_FEATURES
+
 LN, SOFTMAX, GELU, ADD = 5, 5, 8, 1
 
 
@@ -66,7 +68,8 @@ def flops_model(arch, num_classes: int, head: str = "patch_mean") -> FlopsModel:
     proj = 2 * D * E if arch.has_proj else 0
     pool = G * D * ADD if head == "patch_mean" else 0
     exit_head = pool + D * LN + proj + 3 * E + 2 * E * C
-    gate = SOFTMAX * C + 2 * C + 3 * G * D + 2 * 3 * 2 + 4
+    # softmax, top-2, the patch variance (3 per element), standardise + dot (4 per feature), sigmoid
+    gate = SOFTMAX * C + 2 * C + 3 * G * D + 4 * N_FEATURES + 4
     if arch.pool_type == "avg":
         final_pool = G * D * ADD + (D * LN if arch.final_ln_after_pool else T * D * LN)
     else:

@@ -1,95 +1,30 @@
-"""``QuantEarlyExitViT``: an INT8 (W8A8) open_clip vision tower, drop-in for ``clip.visual``."""
+"""``QuantEarlyExitViT``: an INT8 (W8A8) open_clip vision tower, drop-in for ``clip.visual``.
+
+The class holds the parts (``lra_kernels.tower``), the zero-shot classifier and the exit policy,
+and runs them. Building is elsewhere: the converter (``lra_kernels.convert``) makes the parts of
+an open_clip tower, the saved-model format (``lra_kernels.serialization``) reads them back; the
+backend is chosen in ``lra_kernels.backend``, the heads are ``lra_kernels.heads``, the early-exit
+loop is ``lra_kernels.executor``.
+"""
 
 from __future__ import annotations
 
-import functools
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import compiled, heads
 from .backend import get_ops, resolve_backend, validate_backend
-from .block import QuantBlock, QuantLinear
 from .config import QuantConfig, VisionArch
+from .convert import convert_open_clip
 from .executor import AllExitsResult, ClassifyResult, run_all_exits, run_early_exit
 from .flops import FlopsModel, flops_model
 from .hardware import act_dtype_name, parse_act_dtype, resolve_act_dtype
-from .policy import ExitPolicy
-
-
-class PatchEmbed(nn.Module):
-    """open_clip's ``conv1`` (a stride-``patch`` convolution without bias): ``[B, 3, H, W] -> [B, G, D]``.
-
-    Float: ``F.conv2d``. INT8: patches flattened in ``(channel, row, column)`` order, quantized
-    per patch and multiplied with the per-channel INT8 weight ``[D, 3 * ph * pw]``.
-    """
-
-    def __init__(self, width: int, patch_size: tuple[int, int], int8: bool):
-        super().__init__()
-        self.patch_size = patch_size
-        ph, pw = patch_size
-        if int8:
-            self.linear = QuantLinear(3 * ph * pw, width, "per_token", bias=False)
-        else:
-            self.register_buffer("weight", torch.zeros(width, 3, ph, pw))
-
-    @property
-    def int8(self) -> bool:
-        return hasattr(self, "linear")
-
-    def forward(self, images: torch.Tensor, ops) -> torch.Tensor:
-        B, C, H, W = images.shape
-        ph, pw = self.patch_size
-        if not self.int8:
-            x = F.conv2d(images, self.weight, stride=self.patch_size)
-            return x.flatten(2).transpose(1, 2)
-        gh, gw = H // ph, W // pw
-        patches = images.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C * ph * pw)
-        return self.linear(patches, ops).view(B, gh * gw, -1)
-
-
-class QuantTransformer(nn.Module):
-    """Holds the blocks under open_clip's name, ``transformer.resblocks``."""
-
-    def __init__(self, blocks: list[QuantBlock]):
-        super().__init__()
-        self.resblocks = nn.ModuleList(blocks)
-        self.layers = len(blocks)
-
-
-def _call_block(block: QuantBlock, x: torch.Tensor, ops) -> torch.Tensor:
-    return block(x, ops)
-
-
-def _call_embed(model: "QuantEarlyExitViT", images: torch.Tensor, ops, act_dtype: torch.dtype) -> torch.Tensor:
-    return model.embed_eager(images, ops, act_dtype)
-
-
-# Graphs per compiled function: (static + dynamic batch + batch of 1) per block structure, and
-# structures differ per quantization scheme; dynamo's default of 8 would silently fall back to
-# eager once a process holds a few schemes.
-_RECOMPILE_LIMIT = 64
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(fn):
-    # dynamic=None: the first shape compiles static; later batch sizes mark the batch dimension
-    # dynamic (maybe_mark_dynamic below), so one graph serves every batch size.
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    setattr(cfg, name, max(getattr(cfg, name), _RECOMPILE_LIMIT))
-    # realize_opcount_threshold: store (in a per-row local buffer) rather than recompute an
-    # elementwise chain read twice, as the GELU output is by the amax and the quantize passes of
-    # the c_proj input; Inductor's default recomputes its erf, 12% of the tower's time on CPU.
-    return torch.compile(fn, dynamic=None, options={"realize_opcount_threshold": 4})
-
-
-@functools.lru_cache(maxsize=None)
-def _have_cxx() -> bool:
-    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+from .policy import ExitPolicy, check_exit_layers
+from .serialization import read_model, save_model, split_state
+from .tower import QuantTransformer, TowerParts, check_images, empty_parts
 
 
 class QuantEarlyExitViT(nn.Module):
@@ -112,7 +47,10 @@ class QuantEarlyExitViT(nn.Module):
         backend: str = "auto",
         compile_blocks: bool | None = None,
         act_dtype: torch.dtype | str | None = None,
+        *,
+        parts: TowerParts | None = None,
     ):
+        """A model of ``arch`` from its ``parts`` (``convert_open_clip``); without them, zero weights to load into."""
         super().__init__()
         quant_config = quant_config or QuantConfig()
         self.arch, self.quant_config = arch, quant_config
@@ -120,9 +58,9 @@ class QuantEarlyExitViT(nn.Module):
         self._act_dtype_request = parse_act_dtype(act_dtype)
         self.compile_blocks = compile_blocks
         self._compile_failed = False
-        # CPU torch path: large batches run in chunks of about this many tokens (ViT-B/32: 32
-        # images), which keeps a block's INT32/FP32 intermediates in the last-level cache; rows
-        # are batch-independent, so chunking changes no result. None disables it.
+        # CPU paths: large batches run in chunks of about this many tokens (ViT-B/32: 32 images),
+        # which keeps a block's INT32/FP32 intermediates in the last-level cache; rows are
+        # batch-independent, so chunking changes no result. None disables it.
         self.cpu_chunk_tokens: int | None = 1600
 
         # open_clip's public attributes
@@ -134,29 +72,14 @@ class QuantEarlyExitViT(nn.Module):
         self.image_mean = tuple(self.preprocess_cfg.get("mean", ())) or None
         self.image_std = tuple(self.preprocess_cfg.get("std", ())) or None
 
-        D = arch.width
-        smooth = quant_config.smooth_alpha is not None
-        self.conv1 = PatchEmbed(D, arch.patch_size, quant_config.int8_patch_embed)
-        self.register_buffer("class_embedding", torch.zeros(D))
-        self.register_buffer("positional_embedding", torch.zeros(arch.num_tokens, D))
-        self.ln_pre = nn.Identity() if arch.no_ln_pre else nn.LayerNorm(D, eps=arch.eps)
-        blocks = [
-            QuantBlock(
-                D,
-                arch.heads,
-                arch.mlp_hidden,
-                arch.activation,
-                arch.eps,
-                quant_config.attn_mode,
-                quant_config.mlp_mode,
-                attn_bias=arch.attn_bias,
-                smooth_proj=smooth,
-            )
-            for _ in range(arch.layers)
-        ]
-        self.transformer = QuantTransformer(blocks)
-        self.ln_post = nn.LayerNorm(D, eps=arch.eps)
-        self.register_buffer("proj", torch.zeros(D, arch.output_dim) if arch.has_proj else None)
+        parts = (parts or empty_parts(arch, quant_config)).check(arch)
+        self.conv1 = parts.conv1
+        self.register_buffer("class_embedding", parts.class_embedding)
+        self.register_buffer("positional_embedding", parts.positional_embedding)
+        self.ln_pre = parts.ln_pre
+        self.transformer = QuantTransformer(parts.blocks)
+        self.ln_post = parts.ln_post
+        self.register_buffer("proj", parts.proj)
         # zero-shot classifier (set_classifier); saved through extra_state, not the state dict
         self.register_buffer("classifier", None, persistent=False)
         self.logit_scale = 100.0
@@ -166,7 +89,7 @@ class QuantEarlyExitViT(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    # ------------------------------------------------------------------ construction
+    # ------------------------------------------------------------------ construction and persistence
     @classmethod
     def from_open_clip(
         cls,
@@ -180,7 +103,7 @@ class QuantEarlyExitViT(nn.Module):
         int8_patch_embed: bool | None = None,
         compile_blocks: bool | None = None,
         act_dtype: torch.dtype | str | None = None,
-    ) -> "QuantEarlyExitViT":
+    ) -> QuantEarlyExitViT:
         """Quantize an open_clip ``VisionTransformer`` (``clip.visual``).
 
         ``calibration_images`` (a normalised float batch ``[N, 3, H, W]``) is required for
@@ -189,16 +112,45 @@ class QuantEarlyExitViT(nn.Module):
         for the best default of the device the model runs on (saved with the model). The FP32
         tower is not modified.
         """
-        from .convert import convert_open_clip
+        config = QuantConfig(act_quant=act_quant, smooth_alpha=smooth_alpha, static_percentile=static_percentile,
+                             int8_patch_embed=int8_patch_embed)
+        arch, parts = convert_open_clip(visual, config, calibration_images)
+        model = cls(arch, config, backend=backend, compile_blocks=compile_blocks, act_dtype=act_dtype, parts=parts)
+        return model.to(visual.conv1.weight.device).eval()
 
-        config = QuantConfig(
-            act_quant=act_quant,
-            smooth_alpha=smooth_alpha,
-            static_percentile=static_percentile,
-            int8_patch_embed=int8_patch_embed,
-        )
-        return convert_open_clip(visual, config, calibration_images, backend=backend, compile_blocks=compile_blocks,
-                                 act_dtype=act_dtype)
+    def save(self, path: str | Path) -> Path:
+        """Write ``path/`` (a directory): ``model.safetensors`` and ``config.json``; no pickle."""
+        return save_model(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", backend: str | None = None,
+             act_dtype: torch.dtype | str | None = None) -> QuantEarlyExitViT:
+        """Rebuild a model written by :meth:`save`; needs neither open_clip weights nor a download.
+
+        ``backend`` / ``act_dtype``: None keeps what was saved."""
+        saved = read_model(path)
+        model = cls(saved.arch, saved.quant_config, backend=backend or saved.backend,
+                    act_dtype=act_dtype if act_dtype is not None else saved.act_dtype)
+        state, rest = split_state(saved, set(model.state_dict()), path)
+        model.load_state_dict(state, strict=True)
+        model.load_extra_state(rest, saved.extra)
+        return model.to(device).eval()
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors and JSON for save(): exit policy and classifier."""
+        tensors, policy_info = self.exit_policy.to_state()
+        info = {"exit_policy": policy_info}
+        if self.classifier is not None:
+            tensors["classifier.text_features"] = self.classifier
+            info["classifier"] = {"logit_scale": self.logit_scale, "class_names": self.class_names}
+        return tensors, info
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
+        if "classifier" in info:
+            c = info["classifier"]
+            self.set_classifier(tensors["classifier.text_features"], c["logit_scale"], c.get("class_names"))
+        if "exit_policy" in info:
+            self.exit_policy = ExitPolicy.from_state(tensors, info["exit_policy"])
 
     def _apply(self, fn, recurse=True):
         # Float storage stays fp32 whatever dtype a conversion asks for (scales and LayerNorms lose
@@ -230,6 +182,7 @@ class QuantEarlyExitViT(nn.Module):
         return resolve_backend(self.backend, self.device, self.quant_config)
 
     def ops(self):
+        """The ``lra_kernels.ops.Ops`` this model runs on (its backend, resolved for its device)."""
         return get_ops(self.resolved_backend)
 
     @property
@@ -246,28 +199,9 @@ class QuantEarlyExitViT(nn.Module):
         """What was asked for (``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"``), as saved."""
         return act_dtype_name(self._act_dtype_request)
 
-    # ------------------------------------------------------------------ input checks
     def check_images(self, images) -> torch.Tensor:
         """Validate an image batch; raise ``TypeError``/``ValueError`` saying what was expected."""
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"expected images as a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
-        H, W = self.image_size
-        if images.ndim != 4:
-            raise ValueError(f"expected images of shape [B, 3, {H}, {W}], got {tuple(images.shape)}")
-        if images.shape[1] != 3:
-            raise ValueError(f"expected 3 colour channels (images [B, 3, {H}, {W}]), got {images.shape[1]} in {tuple(images.shape)}")
-        if tuple(images.shape[2:]) != (H, W):
-            raise ValueError(
-                f"expected images of height x width {H} x {W} (the tower's image_size), got "
-                f"{images.shape[2]} x {images.shape[3]}; resize with the model's preprocess"
-            )
-        if not images.is_floating_point():
-            raise TypeError(
-                f"expected float images (fp32/fp16/bf16, normalised with image_mean/image_std), got {images.dtype}"
-            )
-        if images.device != self.device:
-            raise ValueError(f"images are on {images.device} but the model is on {self.device}; move one with .to()")
-        return images
+        return check_images(images, self.image_size, self.device)
 
     # ------------------------------------------------------------------ stages
     def embed_eager(self, images: torch.Tensor, ops, act_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -276,18 +210,12 @@ class QuantEarlyExitViT(nn.Module):
         x = torch.cat([cls_tok, x], dim=1) + self.positional_embedding
         return self.ln_pre(x).to(act_dtype)
 
-    def _use_compile(self) -> bool:
-        if self._compile_failed or self.resolved_backend != "torch" or self.device.type != "cpu":
-            return False
-        if self.compile_blocks is None:
-            return _have_cxx()
-        return bool(self.compile_blocks)
-
     def _run(self, fn, module, x, ops, *args):
-        if self._use_compile() and x.shape[0] > 0:
+        if (not self._compile_failed and x.shape[0] > 0
+                and compiled.wanted(self.compile_blocks, self.resolved_backend, self.device)):
             torch._dynamo.maybe_mark_dynamic(x, 0)
             try:
-                return _compiled(fn)(module, x, ops, *args)
+                return compiled.compiled(fn)(module, x, ops, *args)
             except Exception as err:  # a missing compiler or an Inductor limitation: stay correct, run eager
                 self._compile_failed = True
                 warnings.warn(f"torch.compile of the quantized tower failed ({type(err).__name__}: {err}); running eager")
@@ -295,34 +223,31 @@ class QuantEarlyExitViT(nn.Module):
 
     def embed(self, images: torch.Tensor, ops=None) -> torch.Tensor:
         """``[B, 3, H, W]`` -> tokens ``[B, T, D]`` in ``act_dtype`` (patch embedding, class token, positions, ln_pre)."""
-        return self._run(_call_embed, self, images, ops or self.ops(), self.act_dtype)
+        return self._run(compiled.call_embed, self, images, ops or self.ops(), self.act_dtype)
 
     def run_block(self, index: int, x: torch.Tensor, ops=None) -> torch.Tensor:
         """Run block ``index`` (0-based) on tokens ``[B, T, D]``."""
-        return self._run(_call_block, self.transformer.resblocks[index], x, ops or self.ops())
+        return self._run(compiled.call_block, self.transformer.resblocks[index], x, ops or self.ops())
 
     def pool(self, x: torch.Tensor, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's own head, as open_clip's ``_pool`` + ``proj``: ``(pooled[B, E], tokens[B, T-1, D])``, fp32."""
-        x = x.float()
-        if self.final_ln_after_pool:
-            pooled, tokens = self._global_pool(x)
-            pooled = self.ln_post(pooled)
-        elif self.pool_type == "tok":
-            # LayerNorm is per token: normalising the class token alone gives the same pooled row.
-            pooled, tokens = self.ln_post(x[:, 0]), x[:, 1:]
-            if self.output_tokens:
-                tokens = self.ln_post(tokens)
-        else:
-            x = self.ln_post(x)
-            pooled, tokens = self._global_pool(x)
-        if self.proj is not None:
-            pooled = (ops or self.ops()).matmul_rows(pooled, self.proj)
-        return pooled, tokens
+        return heads.own_head(self, x, (ops or self.ops()).matmul_rows)
 
-    def _global_pool(self, x):
-        if self.pool_type == "avg":
-            return x[:, 1:].mean(dim=1), x[:, 1:]
-        return x[:, 0], x[:, 1:]
+    def exit_head(self, x: torch.Tensor, head: str | None = None, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exit head (``head``: default the policy's) on tokens ``x[B, T, D]`` against the classifier:
+        ``(logits[B, C], z[B, E])`` fp32."""
+        ops = ops or self.ops()
+        return heads.exit_head(self, ops.exit_head, x, self.require_classifier(), self.logit_scale,
+                               head or self.exit_policy.head)
+
+    def final_head(self, x: torch.Tensor, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own head on tokens ``x`` (after the last block) against the classifier: ``(logits, z)``."""
+        ops = ops or self.ops()
+        return heads.final_head(self, x, self.require_classifier(), self.logit_scale, ops.matmul_rows)
+
+    def gate_features(self, logits: torch.Tensor, x: torch.Tensor, ops=None) -> torch.Tensor:
+        """The gate features ``[B, N_FEATURES]`` of an exit head's ``logits`` on tokens ``x``."""
+        return (ops or self.ops()).gate_features(logits, x)
 
     def chunk_size(self) -> int | None:
         """Images per chunk, or None for one pass (GPU, the paper's batch-dependent scheme)."""
@@ -403,26 +328,19 @@ class QuantEarlyExitViT(nn.Module):
         self, text_features: torch.Tensor, logit_scale: float = 100.0, class_names: list[str] | None = None
     ) -> None:
         """Zero-shot classes: ``text_features[C, output_dim]`` with L2-normalised rows."""
-        if not isinstance(text_features, torch.Tensor) or not text_features.is_floating_point():
-            raise TypeError(f"text_features must be a float tensor [C, {self.output_dim}], got {type(text_features).__name__}")
-        if text_features.ndim != 2 or text_features.shape[1] != self.output_dim or text_features.shape[0] < 1:
-            raise ValueError(f"text_features must have shape [C, {self.output_dim}] with C >= 1, got {tuple(text_features.shape)}")
-        t = text_features.detach().float()
-        if not torch.isfinite(t).all():
-            raise ValueError("text_features contain NaN or Inf")
-        norms = t.norm(dim=-1)
-        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
-            raise ValueError(
-                f"text_features rows must be L2-normalised (norms range {norms.min():.4f}..{norms.max():.4f}); "
-                "use torch.nn.functional.normalize(text_features, dim=-1)"
-            )
-        if class_names is not None and len(class_names) != t.shape[0]:
-            raise ValueError(f"{len(class_names)} class names for {t.shape[0]} classes")
-        if not (isinstance(logit_scale, (int, float)) and logit_scale > 0):
-            raise ValueError(f"logit_scale must be a positive number, got {logit_scale!r}")
+        t = heads.check_text_features(text_features, self.output_dim, class_names, logit_scale)
         self.classifier = t.to(self.device).contiguous()
         self.logit_scale = float(logit_scale)
         self.class_names = list(class_names) if class_names is not None else None
+
+    def clear_classifier(self) -> None:
+        self.classifier, self.class_names = None, None
+
+    def require_classifier(self) -> torch.Tensor:
+        """The classifier ``[C, output_dim]``; ``RuntimeError`` when none is set."""
+        if self.classifier is None:
+            raise RuntimeError("no classifier set: call set_classifier(text_features) first")
+        return self.classifier
 
     def enable_cuda_graphs(self, buckets=None, capture: bool | None = None):
         """Run ``forward`` and ``classify`` through CUDA graphs per batch bucket (``lra_kernels.cuda_graphs``);
@@ -432,14 +350,6 @@ class QuantEarlyExitViT(nn.Module):
 
         self.cuda_graphs = GraphedViT(self, buckets or DEFAULT_BUCKETS, capture)
         return self.cuda_graphs
-
-    def clear_classifier(self) -> None:
-        self.classifier, self.class_names = None, None
-
-    def _require_classifier(self) -> torch.Tensor:
-        if self.classifier is None:
-            raise RuntimeError("no classifier set: call set_classifier(text_features) first")
-        return self.classifier
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor, return_gate: bool = False, policy: ExitPolicy | None = None) -> ClassifyResult:
@@ -451,7 +361,7 @@ class QuantEarlyExitViT(nn.Module):
         ``self.exit_policy`` (the model is not changed; ``ExitPolicy.disabled()`` = full depth), so
         evaluations can compare policies on one model from several threads.
         """
-        text = self._require_classifier()
+        text = self.require_classifier()
         images = self.check_images(images)
         if policy is not None:
             if not isinstance(policy, ExitPolicy):
@@ -469,11 +379,9 @@ class QuantEarlyExitViT(nn.Module):
     def all_exits(self, images: torch.Tensor, layers: tuple[int, ...] | None = None, head: str | None = None) -> AllExitsResult:
         """Evaluate exit heads + gate features at ``layers`` (default: the policy's) and the
         final head, on every sample, without leaving early (calibration / evaluation)."""
-        text = self._require_classifier()
+        text = self.require_classifier()
         images = self.check_images(images)
-        layers = tuple(self.exit_policy.exit_layers if layers is None else sorted(set(int(x) for x in layers)))
-        if layers and (layers[0] < 1 or layers[-1] > self.depth - 1):
-            raise ValueError(f"exit layers must lie in 1..{self.depth - 1}, got {layers}")
+        layers = check_exit_layers(self.exit_policy.exit_layers if layers is None else layers, self.depth)
         with torch.autocast(images.device.type, enabled=False):
             parts = [run_all_exits(self, c.float(), layers, text, self.logit_scale, head or self.exit_policy.head)
                      for c in self._chunks(images)]
@@ -482,41 +390,8 @@ class QuantEarlyExitViT(nn.Module):
     def flops(self, num_classes: int | None = None) -> FlopsModel:
         """Per-sample FLOPs of each stage (see ``lra_kernels.flops``)."""
         if num_classes is None:
-            num_classes = self._require_classifier().shape[0]
+            num_classes = self.require_classifier().shape[0]
         return flops_model(self.arch, num_classes, self.exit_policy.head)
-
-    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Tensors and JSON for save(): exit policy and classifier."""
-        tensors, policy_info = self.exit_policy.to_state()
-        info = {"exit_policy": policy_info}
-        if self.classifier is not None:
-            tensors["classifier.text_features"] = self.classifier
-            info["classifier"] = {"logit_scale": self.logit_scale, "class_names": self.class_names}
-        return tensors, info
-
-    def load_extra_state(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
-        if "classifier" in info:
-            c = info["classifier"]
-            self.set_classifier(tensors["classifier.text_features"], c["logit_scale"], c.get("class_names"))
-        if "exit_policy" in info:
-            self.exit_policy = ExitPolicy.from_state(tensors, info["exit_policy"])
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> Path:
-        """Write ``path/`` (a directory): ``model.safetensors`` and ``config.json``; no pickle."""
-        from .serialization import save_model
-
-        return save_model(self, path)
-
-    @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", backend: str | None = None,
-             act_dtype: torch.dtype | str | None = None) -> "QuantEarlyExitViT":
-        """Rebuild a model written by :meth:`save`; needs neither open_clip weights nor a download.
-
-        ``backend`` / ``act_dtype``: None keeps what was saved."""
-        from .serialization import load_model
-
-        return load_model(path, device=device, backend=backend, act_dtype=act_dtype)
 
     def extra_repr(self) -> str:
         a, q = self.arch, self.quant_config

@@ -2,7 +2,7 @@
 
 At exit ``j`` (after ``exit_layers[j]`` blocks) a sample leaves when
 
-    z = (features - feature_mean[j]) / feature_std[j]          features = (confidence, margin, svar)
+    z = (features - feature_mean[j]) / feature_std[j]          features: names.GATE_FEATURES
     sigmoid(z . weight[j] + bias[j]) >= threshold[j]
 
 A sample whose features are not finite never leaves early.
@@ -15,10 +15,19 @@ from typing import Any
 
 import torch
 
-from .kernels.exit_head import POOLS
-from .kernels.gate_features import N_FEATURES
+from .names import HEADS, N_FEATURES
 
 TENSOR_FIELDS = ("weight", "bias", "feature_mean", "feature_std", "threshold")
+
+
+def check_exit_layers(layers, depth: int) -> tuple[int, ...]:
+    """``layers`` (blocks run before each exit) sorted and without repeats; ``ValueError`` unless each lies in
+    ``1..depth-1`` (after the last block the model's own head answers, not an exit head)."""
+    out = tuple(sorted({int(layer) for layer in layers}))
+    if out and (out[0] < 1 or out[-1] > depth - 1):
+        raise ValueError(f"exit layers must lie in 1..{depth - 1} for a tower of depth {depth}, got {tuple(layers)} "
+                         f"(exiting after the last block is the model's own head)")
+    return out
 
 
 def _as_f32(name: str, value, shape: tuple[int, ...]) -> torch.Tensor:
@@ -35,9 +44,9 @@ class ExitPolicy:
     """Exit points, gate weights and thresholds (built by ``lra_ee`` calibration, or by hand).
 
     exit_layers: blocks run before each exit, ascending, each in 1..depth-1.
-    weight[L, 3], bias[L]: per-exit logistic regression over standardised
-        (confidence, margin, spatial variance).
-    feature_mean[L, 3], feature_std[L, 3]: the standardisation (from the calibration split).
+    weight[L, F], bias[L]: per-exit logistic regression over the F = ``N_FEATURES`` standardised
+        gate features (``names.GATE_FEATURES``: confidence, margin, spatial variance).
+    feature_mean[L, F], feature_std[L, F]: the standardisation (from the calibration split).
     threshold[L]: exit when the gate's probability is >= threshold (> 1 never exits).
     head: ``"patch_mean"`` (spatio-semantic aggregation) or ``"cls"`` (the ablation).
     """
@@ -67,8 +76,8 @@ class ExitPolicy:
             raise ValueError("ExitPolicy.feature_std must be finite and > 0")
         if not torch.isfinite(self.weight).all() or not torch.isfinite(self.bias).all():
             raise ValueError("ExitPolicy.weight and bias must be finite")
-        if self.head not in POOLS:
-            raise ValueError(f"ExitPolicy.head must be one of {POOLS}, got {self.head!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"ExitPolicy.head must be one of {HEADS}, got {self.head!r}")
         object.__setattr__(self, "_resident", {})
 
     def resident(self, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -82,21 +91,18 @@ class ExitPolicy:
     @classmethod
     def disabled(cls) -> "ExitPolicy":
         """No exits: the full-depth INT8 model."""
-        return cls((), torch.zeros(0, 3), torch.zeros(0), torch.zeros(0, 3), torch.ones(0, 3), torch.zeros(0))
+        F = N_FEATURES
+        return cls((), torch.zeros(0, F), torch.zeros(0), torch.zeros(0, F), torch.ones(0, F), torch.zeros(0))
 
     @property
     def enabled(self) -> bool:
         return len(self.exit_layers) > 0
 
     def validate_for(self, depth: int) -> None:
-        if self.exit_layers and self.exit_layers[-1] > depth - 1:
-            raise ValueError(
-                f"exit_layers {self.exit_layers} must lie in 1..{depth - 1} for a tower of depth {depth} "
-                f"(exiting after the last block is the model's own head)"
-            )
+        check_exit_layers(self.exit_layers, depth)
 
     def gate_scores(self, j: int, features: torch.Tensor) -> torch.Tensor:
-        """Gate probability at exit ``j`` for ``features[B, 3]`` (NaN stays NaN)."""
+        """Gate probability at exit ``j`` for ``features[B, N_FEATURES]`` (NaN stays NaN)."""
         t = self.resident(features.device)
         z = (features - t["feature_mean"][j]) / t["feature_std"][j]
         return torch.sigmoid(z @ t["weight"][j] + t["bias"][j])

@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import torch
 
-QMAX = 127
-AMAX_FLOOR = 1e-12  # rows whose max |x| is below this are quantized as if it were this
+from .names import AMAX_FLOOR, QMAX
 
 
 def _round_clamp_int8(v: torch.Tensor, lo: int = -QMAX, hi: int = QMAX) -> torch.Tensor:

@@ -1,13 +1,18 @@
-"""Save / load a ``QuantEarlyExitViT`` as a directory: ``model.safetensors`` + ``config.json`` (no pickle).
+"""The saved-model format: a directory with ``model.safetensors`` + ``config.json`` (no pickle).
 
 ``config.json`` holds the architecture, the quantization recipe, the backend and whatever extra
-records other parts register (exit policy, classifier, class names) under ``"extra"``. The
+records the model registers (exit policy, classifier, class names) under ``"extra"``. The
 tensors of those records live in the same safetensors file under their own prefixes.
+
+This module knows the format, not the model class: ``save_model`` takes any module with the
+model's ``arch``, ``quant_config``, ``backend``, ``act_dtype_request`` and ``extra_state()``;
+``read_model`` returns a ``SavedModel`` that ``QuantEarlyExitViT.load`` builds the model from.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,25 +77,34 @@ def _upgrade_v1(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", backend: str | None = None, act_dtype=None):
-    from .model import QuantEarlyExitViT
+@dataclass
+class SavedModel:
+    """What a model directory holds, read and checked: enough to rebuild the model without open_clip."""
 
+    arch: VisionArch
+    quant_config: QuantConfig
+    backend: str
+    act_dtype: str  # as saved: "auto", "float32", "bfloat16" or "float16"
+    tensors: dict[str, torch.Tensor]  # the state dict and the extra records' tensors (format 2 names)
+    extra: dict[str, Any]  # the extra records' JSON (exit policy, classifier)
+
+
+def read_model(path: str | Path) -> SavedModel:
+    """Read ``path`` (written by :func:`save_model`); format 1 directories are upgraded on the fly."""
     path = Path(path)
     cfg = read_config(path)
-    arch = VisionArch.from_dict(cfg["arch"])
-    quant = QuantConfig.from_dict(cfg["quant"])
-    model = QuantEarlyExitViT(arch, quant, backend=backend or cfg.get("backend", "auto"),
-                              act_dtype=act_dtype if act_dtype is not None else cfg.get("act_dtype", "float32"))
     tensors = load_file(str(path / WEIGHTS_FILE))
     if int(cfg.get("format_version", 1)) < 2:
         tensors = _upgrade_v1(tensors)
-    own = set(model.state_dict())
-    state = {k: v for k, v in tensors.items() if k in own}
+    return SavedModel(VisionArch.from_dict(cfg["arch"]), QuantConfig.from_dict(cfg["quant"]), cfg.get("backend", "auto"),
+                      cfg.get("act_dtype", "float32"), tensors, cfg.get("extra", {}))
+
+
+def split_state(saved: SavedModel, own: set[str], path: str | Path) -> tuple[dict, dict]:
+    """``(state dict of the keys in own, the other tensors)``; ValueError naming the first missing keys."""
+    state = {k: v for k, v in saved.tensors.items() if k in own}
     missing = own - set(state)
     if missing:
-        raise ValueError(f"{path / WEIGHTS_FILE} lacks tensors {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}")
-    model.load_state_dict(state, strict=True)
-    if hasattr(model, "load_extra_state"):
-        rest = {k: v for k, v in tensors.items() if k not in own}
-        model.load_extra_state(rest, cfg.get("extra", {}))
-    return model.to(device).eval()
+        where = Path(path) / WEIGHTS_FILE
+        raise ValueError(f"{where} lacks tensors {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}")
+    return state, {k: v for k, v in saved.tensors.items() if k not in own}

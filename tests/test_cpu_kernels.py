@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import M_SIZES, cosine, images_for, make_tower
 from lra_kernels import QuantEarlyExitViT
 from lra_kernels import cpu as cpu_kernels
-from lra_kernels.backend import attention_ref
+from lra_kernels.kernels.attention import attention_ref
 from lra_kernels.kernels.int8_gemm import ACTIVATIONS, int8_gemm_ref
 from lra_kernels.kernels.layernorm_quant import layernorm_quant_ref
 from lra_kernels.quant import quantize_per_tensor_ref, quantize_per_token_ref

@@ -1,7 +1,7 @@
 """Python face of ``torch.ops.lra_cpu``: packed weights, quantized activations, fused GEMMs, attention.
 
 The contracts are those of the torch references (``lra_kernels.quant``, ``kernels/int8_gemm.py``,
-``kernels/layernorm_quant.py``, ``backend.attention_ref``) composed: e.g. ``gemm_quant`` is
+``kernels/layernorm_quant.py``, ``kernels/attention.py``) composed: e.g. ``gemm_quant`` is
 ``quantize_per_token_ref(int8_gemm_ref(...) * smooth)`` computed in one pass with the fp32 GEMM
 output never stored. Fused intermediates stay fp32; only what is stored takes ``out_dtype``.
 
@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.int8_gemm import ACTIVATIONS
+from ..names import ACT_CODES
 
-ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
 OUT_FLOAT, OUT_QUANT, OUT_FLOAT_LNQ, OUT_ACC = 0, 1, 2, 3
 
 

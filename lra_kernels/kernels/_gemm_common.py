@@ -3,15 +3,12 @@
 - ``_grouped_tile``: tile ``t`` of a ``tiles_m x tiles_n`` grid in grouped order: ``GROUP_M``
   tile-rows advance together along N, so a weight panel is reused from L2 by ``GROUP_M`` tiles
   before it is evicted (Triton's matmul tutorial).
-- ``_activate``: the fp32 activations of the epilogue, codes as ``ACTIVATIONS`` below.
+- ``_activate``: the fp32 activations of the epilogue, codes as ``names.ACT_CODES``.
 """
 
 from __future__ import annotations
 
 from ._triton import tl, triton
-
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu")
-ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
 
 
 @triton.jit

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ._triton import interpreting
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its interpreter (read at call time, as ``backend.triton_interpreting``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def next_pow2(n: int) -> int:

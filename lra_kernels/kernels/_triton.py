@@ -10,6 +10,8 @@ Triton reads ``TRITON_INTERPRET`` when a kernel is decorated: set it before impo
 
 from __future__ import annotations
 
+import os
+
 try:
     import triton
     import triton.language as tl
@@ -53,4 +55,13 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
     triton = _MissingTriton()
     tl = _MissingLanguage()
 
-__all__ = ["HAVE_TRITON", "triton", "tl"]
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its interpreter on CPU tensors (``TRITON_INTERPRET=1``).
+
+    Read at call time: the one place the package asks (launchers, backend selection)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+__all__ = ["HAVE_TRITON", "interpreting", "triton", "tl"]

@@ -37,11 +37,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backend import matmul_rows
+from ..names import HEADS
 from ._launch import FLOAT_DTYPES, check_device, check_out, check_tensor, next_pow2
 from ._triton import tl, triton
+from .matmul_rows import matmul_rows
 
-POOLS = ("patch_mean", "cls")
 BLOCK_B = 16  # samples per program
 HEAD_WARPS = 4
 MAX_WIDTH = 8192
@@ -65,13 +65,13 @@ def exit_head_ref(
     matmul=matmul_rows,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch reference: ``(logits[B, C], z[B, E])``. ``matmul``: the row-wise product to use
-    (``backend.matmul_rows``, or a backend's own with the same contract)."""
+    (``kernels.matmul_rows``, or a backend's own with the same contract)."""
     if pool == "patch_mean":
         m = h[:, 1:, :].float().mean(dim=1)
     elif pool == "cls":
         m = h[:, 0, :].float()
     else:
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        raise ValueError(f"pool must be one of {HEADS}, got {pool!r}")
     n = F.layer_norm(m, (m.shape[-1],), ln_weight, ln_bias, eps)
     e = matmul(n, proj.float()) if proj is not None else n
     z = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -231,8 +231,8 @@ def exit_head(
     ``out=(logits, z)``: caller buffers with contiguous rows.
     """
     op = "exit_head"
-    if pool not in POOLS:
-        raise ValueError(f"exit_head: pool must be one of {POOLS}, got {pool!r}")
+    if pool not in HEADS:
+        raise ValueError(f"exit_head: pool must be one of {HEADS}, got {pool!r}")
     check_tensor(op, "h", h, dtypes=FLOAT_DTYPES, ndim=3, shape_hint="[B, T, D]")
     B, T, D = h.shape
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):

@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import torch
 
+from ..names import N_FEATURES
 from ._launch import FLOAT_DTYPES, check_device, check_out, check_tensor, next_pow2
 from ._triton import tl, triton
 
-N_FEATURES = 3
-FEATURE_NAMES = ("confidence", "margin", "spatial_variance")
 TILE_ELEMENTS = 4096
 MAX_WIDTH = 8192
 

@@ -39,9 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from . import _tuning
-from ._gemm_common import ACT_CODES, ACTIVATIONS, _activate, _grouped_tile
-from ._launch import FLOAT_DTYPES, check_device, check_out, check_tensor, interpreting
-from ._triton import tl, triton
+from ..names import ACT_CODES, ACTIVATIONS
+from ._gemm_common import _activate, _grouped_tile
+from ._launch import FLOAT_DTYPES, check_device, check_out, check_tensor
+from ._triton import interpreting, tl, triton
 from .int8_gemm_persistent import INTERPRETER_PERSISTENT, PERSISTENT_CONFIGS, launch_persistent, tma_compatible
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -24,9 +24,9 @@ import functools
 
 import torch
 
-from ._gemm_common import ACT_CODES, _activate, _grouped_tile
-from ._launch import interpreting
-from ._triton import tl, triton
+from ..names import ACT_CODES
+from ._gemm_common import _activate, _grouped_tile
+from ._triton import interpreting, tl, triton
 
 GROUP_M = 8
 INTERPRETER_PROGRAMS = 3

@@ -40,7 +40,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant import AMAX_FLOOR, QMAX, quantize_per_token_ref
+from ..names import AMAX_FLOOR, QMAX
+from ..quant import quantize_per_token_ref
 from ._launch import FLOAT_DTYPES, check_device, check_out, check_tensor, next_pow2
 from ._triton import tl, triton
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from peers import PeerUnavailable, builder, model_info, platform_info
 
 PROVIDERS = ("open_clip_bf16", "ort_int8", "openvino_int8", "lra_int8", "lra_int8_static")

@@ -13,6 +13,7 @@ import gc
 
 import pytest
 import torch
+
 from peers import PROVIDERS, PeerUnavailable, builder, model_info, platform_info
 
 COSINE_FLOOR = 0.9  # loose: only catches a broken provider

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peers import model_info, platform_info
 from lra_ee.synthetic import policy_with_exit_fractions
 from lra_kernels import QuantEarlyExitViT
+from peers import model_info, platform_info
 
 PAPER_EXITS = (8, 10, 11)
 PAPER_FRACTIONS = (0.101, 0.253, 0.321)  # of the whole batch; 0.325 run the full depth

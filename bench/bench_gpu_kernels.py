@@ -373,9 +373,10 @@ def test_vit_b_32_end_to_end(benchmark, batch, vit_b_32, quant):
 
 @torch.no_grad()
 def test_early_exit_classify(benchmark, vit_b_32, quant):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from lra_ee.synthetic import policy_with_exit_fractions
     from lra_kernels import ExitPolicy
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     class Syncs(TorchDispatchMode):
         count = 0

@@ -14,13 +14,21 @@ from lra_kernels import ExitPolicy, QuantEarlyExitViT
 from lra_kernels.flops import flops_model
 
 from . import controls as ctl
-from .exits import collect_tables, simulate
-from .experiment import SCHEMES, _attach_fp32, _images, fp32_predictions, quantize
+from .data import images_of
+from .exits import attach_fp32, collect_tables, fp32_predictions, simulate
 from .measure import batch_plan, batch_sensitivity, run_executor, simulation_agreement
-from .method import CalibrationReport, EvalReport, evaluate_outcomes, fit_policy, policy_scores
-from .provenance import CALIBRATION_KEY, MODEL_KEY, calibration_record, exclude_calibration_images, \
-    source_model_record, with_meta
+from .method import evaluate_outcomes, fit_policy, policy_scores
+from .provenance import (
+    CALIBRATION_KEY,
+    MODEL_KEY,
+    calibration_record,
+    exclude_calibration_images,
+    source_model_record,
+    with_meta,
+)
 from .qirc import diagnose
+from .results import CalibrationReport, EvalReport
+from .schemes import check_scheme, quantize
 
 
 def calibrate(
@@ -57,8 +65,7 @@ def calibrate(
     records every image of ``source`` (by content) and, when given, the open_clip model name and
     pretrained tag: ``evaluate_model`` then leaves those images out and checks the FP32 reference.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
+    check_scheme(scheme)
     n = len(source)
     n_q = min(n_quant_calib, n // 2)
     if n_q < 1 or n - n_q < 2:
@@ -66,20 +73,20 @@ def calibrate(
     n_r = max(1, min(n_qirc, (n - n_q) // 2))
     perm = np.random.default_rng(seed).permutation(n)
     q_idx, r_idx, rest = np.sort(perm[:n_q]), np.sort(perm[n_q : n_q + n_r]), np.sort(perm[n_q:])
-    qcal = _images(source, q_idx)
+    qcal = images_of(source, q_idx)
     qvit = quantize(visual, scheme, qcal, backend)
     qvit.set_classifier(text_features.to(qvit.device), logit_scale, class_names)
-    qirc = diagnose(visual, qvit, _images(source, r_idx), scheme)
+    qirc = diagnose(visual, qvit, images_of(source, r_idx), scheme)
     rest_src = source.subset(rest, "calibration")
     desc = "exit tables" if progress else None
     table = collect_tables(qvit, rest_src, tuple(range(1, qvit.depth)), ("patch_mean",), batch_size=batch_size,
                            desc=desc)["patch_mean"]
-    _attach_fp32(table, fp32_predictions(visual, rest_src, text_features, batch_size,
+    attach_fp32(table, fp32_predictions(visual, rest_src, text_features, batch_size,
                                          desc="FP32 reference" if progress else None))
     policy, report = fit_policy(table, qirc.nsr_per_layer, scheme=scheme, arch=qvit.arch,
                                 num_classes=text_features.shape[0], exit_layers=exit_layers, alpha=alpha, tau0=tau0,
                                 flops_budget=flops_budget, target=target)
-    report.qirc = qirc.as_dict()
+    report.qirc = qirc
     split = {"kind": "calibration source", "seed": seed, "n_quant_calib": n_q, "n_qirc": n_r,
              "qirc_images_also_train_gates": True}
     meta = {CALIBRATION_KEY: calibration_record(source, None, split)}
@@ -87,20 +94,6 @@ def calibrate(
         meta[MODEL_KEY] = source_model_record(model_name, pretrained, weights_seed)
     qvit.exit_policy = with_meta(policy, **meta)
     return qvit, report
-
-
-def _table_controls(qvit, table, run, y, n_boot, seed) -> dict:
-    policy = qvit.exit_policy
-    fm = flops_model(qvit.arch, qvit.classifier.shape[0], policy.head)
-    scheme = policy.meta.get("scheme", qvit.quant_config.act_quant)
-    rows = table.rows_of(run.index)
-    rescued = np.zeros(table.n, dtype=bool)
-    rescued[rows] = (run.top5["ee"][:, 0] == y[rows]) & (run.top5["full"][:, 0] != y[rows])
-    return {"static_exit": {scheme: {"policy_layers": list(policy.exit_layers),
-                                     "layers": ctl.static_exit(table, y, fm, n_boot, seed)}},
-            "oracle": {scheme: ctl.oracle(table, y, policy.exit_layers, fm, n_boot, seed)},
-            "random_gate": {scheme: ctl.random_gate(table, y, policy, 1000, seed)},
-            "head_confound": {scheme: ctl.head_confound(table, y, n_boot, seed, rescued)}}
 
 
 def evaluate_model(qvit: QuantEarlyExitViT, source, fp32_visual=None, *, n_boot: int = 2000, seed: int = 0,
@@ -122,7 +115,7 @@ def evaluate_model(qvit: QuantEarlyExitViT, source, fp32_visual=None, *, n_boot:
     table = collect_tables(qvit, source, policy.exit_layers, (policy.head,), batch_size=batch_size,
                            desc="exit tables" if progress else None)[policy.head]
     if fp32_visual is not None:
-        _attach_fp32(table, fp32_predictions(fp32_visual, source, qvit.classifier, batch_size,
+        attach_fp32(table, fp32_predictions(fp32_visual, source, qvit.classifier, batch_size,
                                              desc="FP32 reference" if progress else None))
     target = "labels" if (table.labels >= 0).all() else "fp32"
     y = table.target(target)
@@ -141,9 +134,10 @@ def evaluate_model(qvit: QuantEarlyExitViT, source, fp32_visual=None, *, n_boot:
     ev.executor_batches = run.record("shuffled", seed)
     if controls:
         nb = min(n_boot, 1000)
-        ev.controls = _table_controls(qvit, table, run, y, nb, seed)
+        fm = flops_model(qvit.arch, num_classes, policy.head)
+        scheme = policy.meta.get("scheme", qvit.quant_config.act_quant)
+        ev.controls = ctl.table_controls(table, y, policy, run, fm, scheme, nb, seed)
         if qvit.quant_config.act_quant == "paper":
-            fm = flops_model(qvit.arch, num_classes, policy.head)
             targets = {int(p): int(v) for p, v in zip(table.index, y)}
             ev.controls["batch_sensitivity"] = {"paper": batch_sensitivity(
                 qvit, source, plan, targets, policy, fm, limit=sensitivity_limit, n_boot=nb, seed=seed, cache=cache)}

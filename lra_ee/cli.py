@@ -6,7 +6,11 @@
     lra-ee diagnose  --model M --pretrained P [--data DIR]         QIRC curves of every scheme
     lra-ee serve     --model-dir DIR                               HTTP serving on Ray Serve
 
-Bad or missing weights / data give one error line and exit code 2.
+Bad or missing weights / data give one error line and exit code 2 (``lra_ee.errors.UserError``).
+
+Each command is a ``_add_<command>(sub)`` that declares its arguments and ``set_defaults(func=...)``
+its handler, listed once in ``COMMANDS``; a new command is one more of those (``serve`` lives in
+``lra_ee.serve.cli``).
 """
 
 from __future__ import annotations
@@ -17,11 +21,9 @@ import sys
 import warnings
 from pathlib import Path
 
-EXIT_USAGE = 2
+from .errors import EXIT_USAGE, UserError
 
-
-class CLIError(Exception):
-    """A problem the user can fix; printed as one line, exit code 2."""
+CLIError = UserError  # the name the commands raise
 
 
 # ---------------------------------------------------------------------- loading
@@ -31,11 +33,11 @@ def load_clip(model: str, pretrained: str, device: str, seed: int = 0):
     import torch
 
     if model not in open_clip.list_models():
-        raise CLIError(f"unknown model {model!r}; see open_clip.list_models() (e.g. ViT-B-32, ViT-B-16, ViT-L-14)")
+        raise UserError(f"unknown model {model!r}; see open_clip.list_models() (e.g. ViT-B-32, ViT-B-16, ViT-L-14)")
     looks_like_path = (any(s in pretrained for s in ("/", "\\"))
                        or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
     if looks_like_path and not Path(pretrained).is_file():
-        raise CLIError(f"checkpoint {pretrained} not found: pass --pretrained with an existing file, "
+        raise UserError(f"checkpoint {pretrained} not found: pass --pretrained with an existing file, "
                        f"or a tag such as 'openai'")
     kwargs = {"pretrained": None if pretrained == "random" else pretrained, "device": device}
     torch.manual_seed(seed)
@@ -45,7 +47,7 @@ def load_clip(model: str, pretrained: str, device: str, seed: int = 0):
         clip, _, preprocess = open_clip.create_model_and_transforms(model, **kwargs)
     except Exception as err:  # offline hub, unknown tag, corrupt checkpoint
         reason = str(err).splitlines()[0][:200]
-        raise CLIError(
+        raise UserError(
             f"could not load weights {pretrained!r} for {model} ({reason}). Offline machines: fetch them once where "
             f"the Hugging Face hub is reachable (open_clip caches them), or pass --pretrained /path/to/checkpoint"
         ) from None
@@ -62,19 +64,19 @@ def _source(path: str, preprocess, classnames, name, workers):
     try:
         return load_image_folder(path, preprocess, class_names=classnames, name=name, num_workers=workers)
     except DataError as err:
-        raise CLIError(str(err)) from None
+        raise UserError(str(err)) from None
 
 
 def _classifier(args, clip, tokenizer, class_names, weights_label):
     from .data import DataError, load_templates, text_classifier
 
     if class_names is None:
-        raise CLIError("the images have no class folders and no --classnames file was given: "
+        raise UserError("the images have no class folders and no --classnames file was given: "
                        "zero-shot classes are unknown")
     try:
         templates = load_templates(args.templates)
     except DataError as err:
-        raise CLIError(str(err)) from None
+        raise UserError(str(err)) from None
     return text_classifier(clip, tokenizer, class_names, templates, f"{args.model}:{weights_label}",
                            cache_dir=args.cache_dir, device=args.device)
 
@@ -87,16 +89,16 @@ def _classnames(args):
     try:
         return load_classnames(args.classnames)
     except (DataError, OSError) as err:
-        raise CLIError(f"--classnames: {err}") from None
+        raise UserError(f"--classnames: {err}") from None
 
 
 def _seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise CLIError(f"--seeds must be comma-separated integers, got {text!r}") from None
+        raise UserError(f"--seeds must be comma-separated integers, got {text!r}") from None
     if not seeds:
-        raise CLIError("--seeds needs at least one seed")
+        raise UserError("--seeds needs at least one seed")
     return seeds
 
 
@@ -104,23 +106,23 @@ def _exit_layers(text: str):
     return text if text in ("auto", "paper") else tuple(int(x) for x in text.split(","))
 
 
-def _print_summary(r: dict) -> None:
+def _print_summary(r) -> None:
+    """The headline numbers of an ``ExperimentReport`` or a ``ModelEvaluationReport``."""
     def pct(v):
         return "–" if v is None else f"{100 * v:.2f}%"
 
-    n_cal = "" if r.get("n_calibration") is None else f"{r['n_calibration']} calibration / "
-    print(f"\n{r.get('model')} [{r.get('weights')}] on {r.get('data')} — scheme {r['scheme']}, "
-          f"{n_cal}{r['n_eval']} evaluation images")
-    print(f"  top-1  FP32 {pct(r.get('acc_fp32'))}   INT8 full {pct(r['acc_full'])}   INT8 + LRA-EE {pct(r['acc_ee'])}")
-    ci = r["delta_ci95"]
-    print(f"  delta  {100 * r['delta']:+.2f} pp  (95% CI {100 * ci[0]:+.2f} .. {100 * ci[1]:+.2f})   "
-          f"McNemar p {r['mcnemar_p']:.3g}")
-    q = r["quadrants"]
+    n_cal = "" if r.n_calibration is None else f"{r.n_calibration} calibration / "
+    print(f"\n{r.model} [{r.weights}] on {r.data} — scheme {r.scheme}, {n_cal}{r.n_eval} evaluation images")
+    print(f"  top-1  FP32 {pct(r.acc_fp32)}   INT8 full {pct(r.acc_full)}   INT8 + LRA-EE {pct(r.acc_ee)}")
+    ci = r.delta_ci95
+    print(f"  delta  {100 * r.delta:+.2f} pp  (95% CI {100 * ci[0]:+.2f} .. {100 * ci[1]:+.2f})   "
+          f"McNemar p {r.mcnemar_p:.3g}")
+    q = r.quadrants
     print(f"  quadrants  both right {pct(q['both_right'])}  rescued {pct(q['rescued'])}  hurt {pct(q['hurt'])}  "
           f"both wrong {pct(q['both_wrong'])}")
-    print(f"  FLOPs  {r['flops_ee'] / 1e9:.3f} vs {r['flops_full'] / 1e9:.3f} GFLOPs/image "
-          f"({pct(r['flops_saving'])} saved); "
-          f"exits {r['exit_histogram']}")
+    print(f"  FLOPs  {r.flops_ee / 1e9:.3f} vs {r.flops_full / 1e9:.3f} GFLOPs/image "
+          f"({pct(r.flops_saving)} saved); "
+          f"exits {r.exit_histogram}")
 
 
 # ---------------------------------------------------------------------- commands
@@ -163,7 +165,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         c_idx, _ = split_indices(len(data), args.calib_fraction, cfg.seeds[0])
         calib, class_names = data.subset(c_idx, "calibration"), data.class_names
     else:
-        raise CLIError("calibrate needs --calib-data DIR or --data DIR (with --calib-fraction)")
+        raise UserError("calibrate needs --calib-data DIR or --data DIR (with --calib-fraction)")
     text = _classifier(args, clip, tokenizer, class_names, weights)
     try:
         qvit, report = calibrate(clip.visual, calib, text, scheme=cfg.scheme, exit_layers=cfg.exit_layers,
@@ -172,12 +174,12 @@ def _calibrate(args: argparse.Namespace) -> int:
                                  backend=args.backend, progress=True, seed=cfg.seeds[0], model_name=args.model,
                                  pretrained=args.pretrained, weights_seed=args.seed)
     except ValueError as err:
-        raise CLIError(str(err)) from None
+        raise UserError(str(err)) from None
     out = Path(args.out)
     qvit.save(out / "model")
-    rep = {"model": args.model, "weights": weights, "data": str(args.calib_data or args.data), **report.as_dict()}
+    rep = {"model": args.model, "weights": weights, "data": str(args.calib_data or args.data), **report.to_dict()}
     write_json(out / "calibration.json", rep)
-    plot_qirc({cfg.scheme: report.qirc["nsr_per_layer"]}, out / "qirc_nsr.png", f"QIRC ({args.model}, {weights})")
+    plot_qirc({cfg.scheme: report.qirc.nsr_per_layer}, out / "qirc_nsr.png", f"QIRC ({args.model}, {weights})")
     print(f"calibrated {args.model} [{weights}] with {cfg.scheme}: exits {report.exit_layers}, thresholds "
           f"{[round(t, 3) for t in report.thresholds]}; calibration top-1 full {100 * report.calib_acc_full:.2f}% -> "
           f"early exit {100 * report.calib_acc_ee:.2f}%, FLOPs saved {100 * report.calib_flops_saving:.1f}%")
@@ -190,19 +192,20 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_model_dir(args: argparse.Namespace, names, out: Path) -> dict:
+def _evaluate_model_dir(args: argparse.Namespace, names, out: Path):
     from lra_kernels import QuantEarlyExitViT
 
     from .api import evaluate_model
     from .data import preprocess_from_cfg
     from .provenance import MODEL_KEY, check_reference_tower, exclude_calibration_images
+    from .results import ModelEvaluationReport
 
     try:
         qvit = QuantEarlyExitViT.load(args.model_dir, device=args.device)
     except (FileNotFoundError, ValueError) as err:
-        raise CLIError(str(err)) from None
+        raise UserError(str(err)) from None
     if qvit.classifier is None or not qvit.exit_policy.enabled:
-        raise CLIError(f"{args.model_dir} has no classifier or no exit policy: write it with lra-ee calibrate")
+        raise UserError(f"{args.model_dir} has no classifier or no exit policy: write it with lra-ee calibrate")
     recorded = qvit.exit_policy.meta.get(MODEL_KEY) or {}
     model = args.model or recorded.get("open_clip_model") or "ViT-B-32"
     data = _source(args.data, preprocess_from_cfg(qvit.preprocess_cfg), names or qvit.class_names, "evaluation",
@@ -210,7 +213,7 @@ def _evaluate_model_dir(args: argparse.Namespace, names, out: Path) -> dict:
     try:
         data, check, _ = exclude_calibration_images(qvit, data)
     except ValueError as err:
-        raise CLIError(f"{err} (the model directory records its calibration images)") from None
+        raise UserError(f"{err} (the model directory records its calibration images)") from None
     if check["checked"]:
         print(f"calibration and evaluation images disjoint (checked by content hash): {check['n_excluded']} of the "
               f"model's {check['n_calibration_recorded']} calibration images found in {args.data} and left out, "
@@ -225,19 +228,20 @@ def _evaluate_model_dir(args: argparse.Namespace, names, out: Path) -> dict:
         try:
             check_reference_tower(qvit, visual, model, args.pretrained, args.seed)
         except ValueError as err:
-            raise CLIError(str(err)) from None
+            raise UserError(str(err)) from None
     ev = evaluate_model(qvit, data, visual, seed=args.seed, batch_size=args.batch_size, progress=True,
                         exclude_calibration=False)
     ev.split_check = check
     meta = qvit.exit_policy.meta
-    return {"model": model, "weights": weights, "data": args.data, "model_dir": args.model_dir,
-            "source_model": recorded or None, "scheme": meta.get("scheme", qvit.quant_config.act_quant),
-            "n_calibration": None, **ev.as_dict(), "nsr_per_layer": [], "inr_per_exit": [], "alpha": meta.get("alpha"),
-            "tau0": meta.get("tau0"), "no_early_exit": meta.get("no_early_exit", False), "seeds": [args.seed],
-            "flags": [] if ev.executor_check["exact"] else [
-                f"the exit-table simulation does not match the executor "
-                f"({100 * ev.executor_check['prediction_agreement']:.1f}% of predictions agree): the numbers reported "
-                f"are the executor's, the table-based controls simulations"]}
+    flags = [] if ev.executor_check["exact"] else [
+        f"the exit-table simulation does not match the executor "
+        f"({100 * ev.executor_check['prediction_agreement']:.1f}% of predictions agree): the numbers reported "
+        f"are the executor's, the table-based controls simulations"]
+    return ModelEvaluationReport(model=model, weights=weights, data=args.data, model_dir=args.model_dir,
+                                 source_model=recorded or None,
+                                 scheme=meta.get("scheme", qvit.quant_config.act_quant), evaluation=ev,
+                                 alpha=meta.get("alpha"), tau0=meta.get("tau0"),
+                                 no_early_exit=meta.get("no_early_exit", False), seeds=[args.seed], flags=flags)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -246,7 +250,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .report import write_report
 
     if not args.data:
-        raise CLIError("evaluate needs --data DIR (an ImageFolder / ImageNet val directory)")
+        raise UserError("evaluate needs --data DIR (an ImageFolder / ImageNet val directory)")
     out = Path(args.out)
     names = _classnames(args)
     if args.model_dir:
@@ -254,7 +258,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         write_report(out, report)
     else:
         if not args.pretrained:
-            raise CLIError("evaluate needs --model-dir DIR, or --pretrained (with --model) to calibrate and evaluate "
+            raise UserError("evaluate needs --model-dir DIR, or --pretrained (with --model) to calibrate and evaluate "
                            "in one run")
         cfg = _experiment_config(args)
         args.model = args.model or "ViT-B-32"
@@ -264,14 +268,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.calib_data:
             calib = _source(args.calib_data, preprocess, names or data.class_names, "calibration", args.workers)
         if not data.has_labels:
-            raise CLIError(f"{args.data} has no class folders: evaluation needs labelled images (root/<class>/<image>)")
+            raise UserError(f"{args.data} has no class folders: evaluation needs labelled images "
+                            f"(root/<class>/<image>)")
         text = _classifier(args, clip, tokenizer, data.class_names, weights)
         try:
             res = run_experiment(clip.visual, calib or data, text, cfg, data.class_names,
                                  eval_source=data if calib is not None else None)
         except ValueError as err:
-            raise CLIError(str(err)) from None
-        report = {"model": args.model, "weights": weights, "data": args.data, **res.report}
+            raise UserError(str(err)) from None
+        report = res.report.with_header(model=args.model, weights=weights, data=args.data)
         write_report(out, report)
         res.model.exit_policy = with_meta(res.model.exit_policy,
                                           source_model=source_model_record(args.model, args.pretrained, args.seed))
@@ -284,9 +289,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _diagnose(args: argparse.Namespace) -> int:
     import torch
 
-    from .experiment import SCHEMES, _images, held_out, quantize
+    from .data import held_out, images_of
     from .qirc import diagnose, fp32_reference
     from .report import plot_qirc, write_json
+    from .schemes import SCHEMES, quantize
 
     args.model = args.model or "ViT-B-32"
     clip, preprocess, _, weights = load_clip(args.model, args.pretrained, args.device, args.seed)
@@ -295,10 +301,10 @@ def _diagnose(args: argparse.Namespace) -> int:
     if args.data:  # seeded random samples, quantizer calibration and QIRC images disjoint
         data = _source(args.data, preprocess, None, "data", args.workers)
         if len(data) < 2:
-            raise CLIError(f"{args.data} holds {len(data)} image(s): diagnose needs at least 2")
+            raise UserError(f"{args.data} holds {len(data)} image(s): diagnose needs at least 2")
         n_q = min(n_q, len(data) // 2)
         q_idx, r_idx, _ = held_out(len(data), n_q, min(args.images, len(data) - n_q), args.seed)
-        calib, images = _images(data, q_idx), _images(data, r_idx)
+        calib, images = images_of(data, q_idx), images_of(data, r_idx)
     else:
         h, w = visual.image_size
         rand = torch.randn(n_q + args.images, 3, h, w, generator=torch.Generator().manual_seed(args.seed))
@@ -320,15 +326,9 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from .serve import serve_main
-
-    return serve_main(args)
-
-
 # ---------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
-    from .experiment import SCHEMES
+    from .schemes import SCHEMES
 
     p.add_argument("--model", default=None,
                    help="open_clip architecture (default: the one a --model-dir records, else ViT-B-32)")
@@ -360,11 +360,7 @@ def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--out", default="lra-ee-out", help="output directory (default: %(default)s)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lra-ee",
-                                     description="INT8 OpenCLIP vision towers with layer-wise early exits (LRA-EE).")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="the main job on a built-in ViT-B-32 with seeded random weights (no download)")
     demo.add_argument("--out", default="lra-ee-demo", help="output directory (default: %(default)s)")
     demo.add_argument("--model", default="ViT-B-32", help="open_clip architecture (default: %(default)s)")
@@ -375,16 +371,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--classes", type=int, default=20, help="synthetic classes (default: %(default)s)")
     demo.set_defaults(func=_demo)
 
+
+def _add_calibrate(sub) -> None:
     cal = sub.add_parser("calibrate", help="quantize and calibrate the exits on real data; save a model directory")
     _common(cal)
     cal.set_defaults(func=_calibrate)
 
+
+def _add_evaluate(sub) -> None:
     ev = sub.add_parser("evaluate",
                         help="evaluate a saved model (--model-dir) or run calibration + evaluation + ablations")
     _common(ev, model_required=False)
     ev.add_argument("--model-dir", help="a model directory written by lra-ee calibrate")
     ev.set_defaults(func=_evaluate)
 
+
+def _add_diagnose(sub) -> None:
     dg = sub.add_parser("diagnose", help="QIRC: per-layer noise-to-signal ratio of every quantization scheme")
     _common(dg)
     dg.set_defaults(scheme="all")
@@ -394,16 +396,23 @@ def build_parser() -> argparse.ArgumentParser:
             action.choices = tuple(action.choices) + ("all",)
     dg.set_defaults(func=_diagnose)
 
-    serve = sub.add_parser("serve", help="serve a saved model directory over HTTP on Ray Serve (extra: serve)")
-    serve.add_argument("--model-dir", required=True,
-                       help="directory written by QuantEarlyExitViT.save / lra-ee calibrate")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--replicas", type=int, default=1)
-    serve.add_argument("--max-batch-size", type=int, default=64)
-    serve.add_argument("--batch-wait-ms", type=float, default=5.0)
-    serve.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    serve.set_defaults(func=_serve)
+
+def _add_serve(sub) -> None:
+    from .serve.cli import add_parser  # declares the command; Ray is imported only when it runs
+
+    add_parser(sub)
+
+
+# The subcommands, in the order ``lra-ee --help`` lists them: each adds its parser and handler.
+COMMANDS = (_add_demo, _add_calibrate, _add_evaluate, _add_diagnose, _add_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lra-ee",
+                                     description="INT8 OpenCLIP vision towers with layer-wise early exits (LRA-EE).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
@@ -412,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*No pretrained weights loaded.*")
     try:
         return args.func(args)
-    except CLIError as err:
+    except UserError as err:
         print(f"lra-ee: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

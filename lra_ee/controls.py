@@ -131,6 +131,23 @@ def fp32_early_exit(calib: ExitTable, evalt: ExitTable, *, arch, num_classes: in
             "quadrants_by_exit": ev.quadrants_by_exit, "n": ev.n_eval, "measured_by": "simulation (FP32 tables)"}
 
 
+def table_controls(t: ExitTable, y: np.ndarray, policy, run, fm, scheme: str, n_boot: int = 1000, seed: int = 0,
+                   random_gate_draws: int = 1000) -> dict:
+    """The table-based controls of one scheme on the evaluation table ``t`` (targets ``y``), keyed by scheme
+    inside each control. ``run``: the executor's run of the same images (``lra_ee.measure.ExecutorRun``), which
+    says which samples early exit rescued (for the head confound)."""
+    rescued = np.zeros(t.n, dtype=bool)
+    rows = t.rows_of(run.index)
+    rescued[rows] = (run.top5["ee"][:, 0] == y[rows]) & (run.top5["full"][:, 0] != y[rows])
+    return {
+        "static_exit": {scheme: {"policy_layers": list(policy.exit_layers),
+                                 "layers": static_exit(t, y, fm, n_boot, seed)}},
+        "oracle": {scheme: oracle(t, y, policy.exit_layers, fm, n_boot, seed)},
+        "random_gate": {scheme: random_gate(t, y, policy, random_gate_draws, seed)},
+        "head_confound": {scheme: head_confound(t, y, n_boot, seed, rescued)},
+    }
+
+
 def nsr_entry(scheme: str, final_nsr: float, ev: dict, measured_by: str) -> dict:
     """One line of ``rescued_minus_hurt_by_nsr``."""
     return {"scheme": scheme, "final_nsr": float(final_nsr), "acc_full": ev["acc_full"], "acc_ee": ev["acc_ee"],

@@ -196,6 +196,22 @@ def split_indices(n: int, calib_fraction: float, seed: int) -> tuple[np.ndarray,
     return np.sort(perm[:k]), np.sort(perm[k:])
 
 
+HOLD_OUT_SEED = 12345  # the seed of an experiment's quantizer / QIRC sample, the same for every split seed
+
+
+def held_out(n_total: int, n_quant: int, n_qirc: int, seed: int = HOLD_OUT_SEED):
+    """``(quantizer, QIRC, rest)`` positions: disjoint seeded random samples (not the first images
+    of a class-sorted folder), each sorted."""
+    perm = np.random.default_rng(seed).permutation(n_total)
+    return np.sort(perm[:n_quant]), np.sort(perm[n_quant : n_quant + n_qirc]), np.sort(perm[n_quant + n_qirc :])
+
+
+def images_of(source, index, batch_size: int = 64) -> torch.Tensor:
+    """The images at positions ``index`` of ``source``, as one tensor (unreadable ones left out)."""
+    sub = source.subset(index)
+    return torch.cat([im for im, _, _ in sub.batches(batch_size)])
+
+
 def preprocess_from_cfg(preprocess_cfg: dict, image_size: tuple[int, int] | None = None) -> Callable:
     """open_clip's eval transform for a model's saved ``preprocess_cfg`` (PIL image -> ``[3, H, W]`` fp32).
 

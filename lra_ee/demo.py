@@ -22,9 +22,11 @@ from lra_kernels import ExitPolicy
 
 from .controls import merge_controls
 from .data import TensorSource
-from .experiment import SCHEME_HELP, SCHEME_LABEL, SCHEMES, ExperimentConfig, quantize, run_experiment
+from .experiment import ExperimentConfig, run_experiment
 from .qirc import diagnose
 from .report import write_report
+from .results import DemoReport
+from .schemes import SCHEME_HELP, SCHEME_LABEL, SCHEMES, quantize
 from .synthetic import builtin_task, plant_outlier_channels, random_tower
 
 NOTE = ("Seeded random weights with planted outlier channels and a synthetic task: these figures show how the "
@@ -46,7 +48,7 @@ def _throughput(fn, images: torch.Tensor, seconds: float) -> float:
 def run_demo(out_dir: str | Path, model: str = "ViT-B-32", seed: int = 0, n_images: int = 600, n_classes: int = 20,
              batch_size: int = 32, bench_seconds: float = 3.0, schemes: tuple[str, ...] = ("paper", "smoothquant"),
              main_scheme: str = "smoothquant", exit_layers="auto", quiet: bool = False,
-             sensitivity_limit: int = 64) -> dict:
+             sensitivity_limit: int = 64) -> DemoReport:
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -64,11 +66,11 @@ def run_demo(out_dir: str | Path, model: str = "ViT-B-32", seed: int = 0, n_imag
         fp32 = res.fp32
         results[scheme] = res
         r = res.report
-        say(f"  {scheme:<12} full {100 * r['acc_full']:.1f}%  EE {100 * r['acc_ee']:.1f}%  "
-            f"FLOPs saved {100 * r['flops_saving']:.1f}%  ({r['seconds']:.0f}s)")
+        say(f"  {scheme:<12} full {100 * r.acc_full:.1f}%  EE {100 * r.acc_ee:.1f}%  "
+            f"FLOPs saved {100 * r.flops_saving:.1f}%  ({r.seconds:.0f}s)")
 
     main = results[main_scheme]
-    curves = {s: results[s].report["nsr_per_layer"] for s in schemes}
+    curves = {s: results[s].report.nsr_per_layer for s in schemes}
     for scheme in tqdm([s for s in SCHEMES if s not in curves], desc="QIRC of the other schemes", disable=quiet):
         q = quantize(tower, scheme, main.quant_calibration_images)
         curves[scheme] = diagnose(tower, q, main.qirc_images, scheme, reference=main.fp32.qirc_reference).nsr_per_layer
@@ -86,52 +88,42 @@ def run_demo(out_dir: str | Path, model: str = "ViT-B-32", seed: int = 0, n_imag
         with torch.inference_mode():
             img_s[name] = _throughput(fn, bench, bench_seconds)
 
-    report = {
-        "model": model,
-        "weights": "random-seeded",
-        "note": NOTE,
-        "data": task.description,
-        **main.report,
-        "outlier_channels": {"residual": list(plan.residual_channels), "layernorm": list(plan.ln_channels),
-                             "ratio": plan.ratio},
-        "schemes": {s: {k: results[s].report[k] for k in ("acc_fp32", "acc_full", "acc_ee", "delta", "delta_ci95",
-                                                          "quadrants", "quadrants_by_exit", "mcnemar_p", "flops_saving",
-                                                          "exit_layers", "exit_layers_per_seed", "exit_histogram",
-                                                          "nsr_per_layer", "executor_check", "measured_by", "flags",
-                                                          "over_seeds", "tau0", "no_early_exit")}
-                    | {"description": SCHEME_HELP[s]} for s in schemes},
-        "controls": merge_controls([results[s].report["controls"] for s in schemes]),
-        "flags": [f"{s}: {f}" for s in schemes for f in results[s].report["flags"]],
-        "nsr_per_scheme": curves,
-        "throughput": {"img_per_s": img_s, "device": "cpu", "batch_size": batch_size,
-                       "threads": torch.get_num_threads(),
-                       "cpu": platform.processor() or platform.machine()},
-    }
-    report["seconds_total"] = time.perf_counter() - t0
-    sweeps = {s: {**results[s].report["tau0_sweep"], "acc_full": results[s].report["acc_full"],
-                  "operating": {"relative_flops": 1 - results[s].report["flops_saving"],
-                                "acc_ee": results[s].report["acc_ee"]}}
+    report = DemoReport.of(
+        main.report.with_header(model=model, weights="random-seeded", note=NOTE, data=task.description),
+        controls=merge_controls([results[s].report.controls for s in schemes]),
+        flags=[f"{s}: {f}" for s in schemes for f in results[s].report.flags],
+        outlier_channels={"residual": list(plan.residual_channels), "layernorm": list(plan.ln_channels),
+                          "ratio": plan.ratio},
+        schemes={s: results[s].report.scheme_summary() | {"description": SCHEME_HELP[s]} for s in schemes},
+        nsr_per_scheme=curves,
+        throughput={"img_per_s": img_s, "device": "cpu", "batch_size": batch_size, "threads": torch.get_num_threads(),
+                    "cpu": platform.processor() or platform.machine()},
+    )
+    report.seconds_total = time.perf_counter() - t0
+    sweeps = {s: {**results[s].report.tau0_sweep, "acc_full": results[s].report.acc_full,
+                  "operating": {"relative_flops": 1 - results[s].report.flops_saving,
+                                "acc_ee": results[s].report.acc_ee}}
               for s in schemes}
     write_report(out_dir, report, qirc_curves={SCHEME_LABEL[s]: c for s, c in curves.items()},
-                 quadrants={SCHEME_LABEL[s]: results[s].report["quadrants"] for s in schemes},
+                 quadrants={SCHEME_LABEL[s]: results[s].report.quadrants for s in schemes},
                  sweeps={SCHEME_LABEL[s]: v for s, v in sweeps.items()})
     qvit.save(out_dir / "model")
     return report
 
 
-def format_summary(report: dict) -> str:
-    lines = [f"{report['model']} ({report['weights']} weights, synthetic task) — {report['note']}", ""]
+def format_summary(report: DemoReport) -> str:
+    lines = [f"{report.model} ({report.weights} weights, synthetic task) — {report.note}", ""]
     lines.append(f"{'scheme':<14}{'FP32':>8}{'INT8':>8}{'INT8+EE':>9}{'delta (95% CI)':>24}{'rescued':>9}{'hurt':>7}"
                  f"{'FLOPs saved':>13}{'final NSR':>11}")
-    for name, s in report["schemes"].items():
+    for name, s in report.schemes.items():
         ci = s["delta_ci95"]
         lines.append(f"{name:<14}{100 * s['acc_fp32']:>7.1f}%{100 * s['acc_full']:>7.1f}%{100 * s['acc_ee']:>8.1f}%"
                      f"{100 * s['delta']:>+9.2f} [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
                      f"{100 * s['quadrants']['rescued']:>8.1f}%{100 * s['quadrants']['hurt']:>6.1f}%"
                      f"{100 * s['flops_saving']:>12.1f}%{100 * s['nsr_per_layer'][-1]:>10.1f}%")
     lines += ["", "(accuracy, quadrants and FLOPs measured through the executor on recorded batches)"]
-    lines += [f"flag: {f}" for f in report.get("flags", [])]
-    c = report.get("controls") or {}
+    lines += [f"flag: {f}" for f in report.flags]
+    c = report.controls or {}
     if c.get("rescued_minus_hurt_by_nsr"):
         lines += ["", "controls (random weights, synthetic task):",
                   "  rescued - hurt by final NSR: " + "; ".join(
@@ -153,8 +145,8 @@ def format_summary(report: dict) -> str:
         lines.append(f"  batch sensitivity ({scheme}, {b['n']} images, batch 1/32/256, sorted/shuffled): INT8 full "
                      f"{100 * b['acc_full_range'][0]:.1f}..{100 * b['acc_full_range'][1]:.1f}%, early exit "
                      f"{100 * b['acc_ee_range'][0]:.1f}..{100 * b['acc_ee_range'][1]:.1f}%")
-    t = report["throughput"]
+    t = report.throughput
     lines += ["", f"throughput ({t['device']}, batch {t['batch_size']}, {t['threads']} threads): " +
               ", ".join(f"{k} {v:.1f} img/s" for k, v in t["img_per_s"].items())]
-    lines.append(f"total {report['seconds_total']:.0f}s")
+    lines.append(f"total {report.seconds_total:.0f}s")
     return "\n".join(lines)

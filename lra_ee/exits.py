@@ -181,6 +181,27 @@ def collect_fp32_table(visual, source, text: torch.Tensor, layers: tuple[int, ..
                      getattr(source, "n_skipped", 0), np.concatenate(depth_patch))
 
 
+@torch.no_grad()
+def fp32_predictions(visual, source, text: torch.Tensor, batch_size: int = 32,
+                     desc: str | None = None) -> dict[int, np.ndarray]:
+    """Top-5 of the FP32 tower for every readable image of ``source``, keyed by source position."""
+    k = min(5, text.shape[0])
+    dev = next(visual.parameters()).device
+    out = {}
+    for images, _, idx in tqdm(source.batches(batch_size), total=-(-len(source) // batch_size), desc=desc,
+                               disable=desc is None, leave=False):
+        z = F.normalize(visual(images.to(dev)).float(), dim=-1)
+        top = (z @ text.to(dev).t()).topk(k, dim=-1).indices.cpu().numpy()
+        out.update({int(i): t for i, t in zip(idx, top)})
+    return out
+
+
+def attach_fp32(table: ExitTable, fp32: dict[int, np.ndarray]) -> ExitTable:
+    """Set ``table.fp32_top5`` from ``fp32_predictions`` (every row's position must be there)."""
+    table.fp32_top5 = np.stack([fp32[int(i)] for i in table.index])
+    return table
+
+
 @dataclass
 class Simulation:
     exit_layer: np.ndarray  # [N] blocks run

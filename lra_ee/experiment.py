@@ -19,42 +19,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from lra_kernels import ExitPolicy, QuantEarlyExitViT
 from lra_kernels.flops import flops_model
+from lra_kernels.names import HEADS
 
 from . import controls as ctl
 from . import stats
-from .data import split_indices
-from lra_kernels.names import HEADS
-
+from .data import HOLD_OUT_SEED, held_out, images_of, split_indices
 from .exits import ExitTable, collect_fp32_table, collect_tables, simulate
-from .measure import batch_plan, batch_sensitivity, run_executor, simulation_agreement
+from .measure import ExecutorRun, batch_plan, batch_sensitivity, run_executor, simulation_agreement
 from .method import ablations, evaluate, evaluate_outcomes, fit_policy, policy_scores
 from .provenance import CALIBRATION_KEY, calibration_record, exclude_images, fingerprints, with_meta
 from .qirc import diagnose, fp32_reference
-
-SCHEMES = {
-    "paper": dict(act_quant="paper"),
-    "per_token": dict(act_quant="per_token"),
-    "smoothquant": dict(act_quant="per_token", smooth_alpha=0.5),
-    "per_tensor_static": dict(act_quant="per_tensor_static", smooth_alpha=0.5),
-}
-SCHEME_LABEL = {
-    "paper": "paper (quantize_dynamic)",
-    "per_token": "per-token",
-    "smoothquant": "per-token + SmoothQuant",
-    "per_tensor_static": "static per-tensor + SmoothQuant",
-}
-SCHEME_HELP = {
-    "paper": "the paper's baseline: torch.ao quantize_dynamic emulation (MLP only, per-tensor)",
-    "per_token": "W8A8, per-token dynamic activations",
-    "smoothquant": "W8A8 per-token + SmoothQuant (alpha 0.5)",
-    "per_tensor_static": "W8A8 per-tensor static activations + SmoothQuant (alpha 0.5)",
-}
-HOLD_OUT_SEED = 12345  # the seed of the quantizer / QIRC sample, the same for every split seed
+from .results import SEED_KEYS, CalibrationReport, EvalReport, ExperimentReport, QIRCReport, SeedSummary
+from .schemes import SCHEME_HELP, check_scheme, quantize
 
 
 @dataclass
@@ -79,51 +58,11 @@ class ExperimentConfig:
     sensitivity_limit: int = 1024  # images of the first evaluation split run at every batch size
 
     def __post_init__(self):
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {self.scheme!r}")
+        check_scheme(self.scheme)
         if not self.seeds:
             raise ValueError("give at least one calibration seed")
         if self.n_quant_calib < 1 or self.n_qirc < 1:
             raise ValueError(f"n_quant_calib and n_qirc must be >= 1, got {self.n_quant_calib} and {self.n_qirc}")
-
-
-def quantize(visual, scheme: str, calibration_images: torch.Tensor | None, backend: str = "auto") -> QuantEarlyExitViT:
-    kwargs = dict(SCHEMES[scheme])
-    if kwargs.get("act_quant") == "per_tensor_static" or "smooth_alpha" in kwargs:
-        kwargs["calibration_images"] = calibration_images
-    return QuantEarlyExitViT.from_open_clip(visual, backend=backend, **kwargs)
-
-
-def _images(source, index, batch_size=64) -> torch.Tensor:
-    sub = source.subset(index)
-    return torch.cat([im for im, _, _ in sub.batches(batch_size)])
-
-
-def held_out(n_total: int, n_quant: int, n_qirc: int, seed: int = HOLD_OUT_SEED):
-    """``(quantizer, QIRC, rest)`` positions: disjoint seeded random samples (not the first images
-    of a class-sorted folder), each sorted."""
-    perm = np.random.default_rng(seed).permutation(n_total)
-    return np.sort(perm[:n_quant]), np.sort(perm[n_quant : n_quant + n_qirc]), np.sort(perm[n_quant + n_qirc :])
-
-
-@torch.no_grad()
-def fp32_predictions(visual, source, text: torch.Tensor, batch_size: int = 32,
-                     desc: str | None = None) -> dict[int, np.ndarray]:
-    """Top-5 of the FP32 tower for every readable image of ``source``, keyed by source position."""
-    k = min(5, text.shape[0])
-    dev = next(visual.parameters()).device
-    out = {}
-    for images, _, idx in tqdm(source.batches(batch_size), total=-(-len(source) // batch_size), desc=desc,
-                               disable=desc is None, leave=False):
-        z = F.normalize(visual(images.to(dev)).float(), dim=-1)
-        top = (z @ text.to(dev).t()).topk(k, dim=-1).indices.cpu().numpy()
-        out.update({int(i): t for i, t in zip(idx, top)})
-    return out
-
-
-def _attach_fp32(table: ExitTable, fp32: dict[int, np.ndarray]) -> ExitTable:
-    table.fp32_top5 = np.stack([fp32[int(i)] for i in table.index])
-    return table
 
 
 @dataclass
@@ -139,7 +78,7 @@ class FP32Cache:
 
 @dataclass
 class ExperimentResult:
-    report: dict
+    report: ExperimentReport
     model: QuantEarlyExitViT
     tables: dict[str, ExitTable] = field(repr=False, default_factory=dict)
     fp32: FP32Cache | None = field(repr=False, default=None)
@@ -152,7 +91,33 @@ def _with_fp32(table: ExitTable, fp32_table: ExitTable) -> ExitTable:
     return table
 
 
-def _measure_seed(qvit, cfg, seed, calib, evalt, eval_src, fp32_calib, fp32_eval, qirc, num_classes, cache):
+@dataclass
+class SeedRun:
+    """One calibration seed: the policy fitted on its calibration split and what it measured on its evaluation split."""
+
+    seed: int
+    policy: ExitPolicy
+    calibration: CalibrationReport
+    evaluation: EvalReport  # through the executor (reported)
+    simulated: EvalReport  # the exit-table simulation of the same split
+    agreement: dict  # the simulation against the executor, sample by sample
+    run: ExecutorRun
+    plan: np.ndarray
+    y: np.ndarray  # evaluation targets, rows of ``evalt``
+    calib: dict[str, ExitTable]
+    evalt: dict[str, ExitTable]
+    fp32_ee: dict | None  # the FP32 early-exit control
+    fp32_eval: ExitTable | None
+
+    def summary(self) -> SeedSummary:
+        ev, cal = self.evaluation, self.calibration
+        return SeedSummary(seed=self.seed, **{k: getattr(ev, k) for k in SEED_KEYS}, quadrants=ev.quadrants,
+                           exit_layers=cal.exit_layers, tau0=cal.tau0, no_early_exit=cal.no_early_exit,
+                           executor_check=self.agreement,
+                           fp32_early_exit_delta=None if not self.fp32_ee else self.fp32_ee.get("delta"))
+
+
+def _measure_seed(qvit, cfg, seed, calib, evalt, eval_src, fp32_calib, fp32_eval, qirc, num_classes, cache) -> SeedRun:
     """Calibrate on ``calib``, then measure on ``evalt``: the executor on recorded batches (reported),
     the simulation (checked against it)."""
     policy, cal = fit_policy(calib["patch_mean"], qirc.nsr_per_layer, scheme=cfg.scheme, arch=qvit.arch,
@@ -176,37 +141,28 @@ def _measure_seed(qvit, cfg, seed, calib, evalt, eval_src, fp32_calib, fp32_eval
                                       exit_layers=cfg.exit_layers, alpha=cfg.alpha, tau0=cfg.tau0,
                                       flops_budget=cfg.flops_budget, target=cal.target,
                                       n_boot=min(cfg.n_boot, 1000), seed=seed)
-    return {"seed": seed, "policy": policy, "calibration": cal, "evaluation": ev, "simulated": simulated,
-            "agreement": agree, "run": run, "plan": plan, "y": y, "calib": calib, "eval": evalt, "fp32_ee": fp32_ee,
-            "fp32_eval": fp32_eval}
+    return SeedRun(seed, policy, cal, ev, simulated, agree, run, plan, y, calib, evalt, fp32_ee, fp32_eval)
 
 
-def _controls(qvit, cfg, first, eval_src, qirc, num_classes, cache, desc) -> dict:
-    t, y, policy, run, fp32_eval = (first[k] for k in ("eval", "y", "policy", "run", "fp32_eval"))
-    t = t["patch_mean"]
+def _controls(qvit, cfg, first: SeedRun, eval_src, qirc: QIRCReport, num_classes, cache, desc) -> dict:
+    t, y, policy, run, fp32_eval = first.evalt["patch_mean"], first.y, first.policy, first.run, first.fp32_eval
     fm = flops_model(qvit.arch, num_classes, "patch_mean")
-    nb, seed, s = min(cfg.n_boot, 1000), first["seed"], cfg.scheme
-    rescued = np.zeros(t.n, dtype=bool)
-    rows = t.rows_of(run.index)
-    rescued[rows] = (run.top5["ee"][:, 0] == y[rows]) & (run.top5["full"][:, 0] != y[rows])
-    ev = first["evaluation"]
+    nb, seed, s = min(cfg.n_boot, 1000), first.seed, cfg.scheme
+    ev = first.evaluation
     out = {
-        "static_exit": {s: {"policy_layers": list(policy.exit_layers), "layers": ctl.static_exit(t, y, fm, nb, seed)}},
-        "oracle": {s: ctl.oracle(t, y, policy.exit_layers, fm, nb, seed)},
-        "random_gate": {s: ctl.random_gate(t, y, policy, cfg.random_gate_draws, seed)},
-        "head_confound": {s: ctl.head_confound(t, y, nb, seed, rescued)},
+        **ctl.table_controls(t, y, policy, run, fm, s, nb, seed, cfg.random_gate_draws),
         "rescued_minus_hurt_by_nsr": [ctl.nsr_entry(s, qirc.nsr_per_layer[-1], {
             "acc_full": ev.acc_full, "acc_ee": ev.acc_ee, "rescued": ev.quadrants["rescued"],
             "hurt": ev.quadrants["hurt"],
             "delta_ci95": ev.delta_ci95, "flops_saving": ev.flops_saving}, "executor")],
     }
-    if first["fp32_ee"] is not None and "acc_ee" in first["fp32_ee"]:
-        out["fp32_early_exit"] = first["fp32_ee"]
-        out["rescued_minus_hurt_by_nsr"].insert(0, ctl.nsr_entry("fp32", 0.0, first["fp32_ee"], "simulation (FP32)"))
+    if first.fp32_ee is not None and "acc_ee" in first.fp32_ee:
+        out["fp32_early_exit"] = first.fp32_ee
+        out["rescued_minus_hurt_by_nsr"].insert(0, ctl.nsr_entry("fp32", 0.0, first.fp32_ee, "simulation (FP32)"))
         out["head_confound"]["fp32"] = ctl.head_confound(fp32_eval, fp32_eval.target("labels"), nb, seed)
     if cfg.batch_sensitivity or (cfg.batch_sensitivity is None and s == "paper"):
         targets = {int(p): int(v) for p, v in zip(t.index, y)}
-        out["batch_sensitivity"] = {s: batch_sensitivity(qvit, eval_src, first["plan"], targets, policy, fm,
+        out["batch_sensitivity"] = {s: batch_sensitivity(qvit, eval_src, first.plan, targets, policy, fm,
                                                          cfg.sensitivity_batch_sizes, cfg.sensitivity_limit, nb, seed,
                                                          cache, desc)}
     return out
@@ -235,7 +191,7 @@ def run_experiment(
     desc = (lambda what: f"{cfg.scheme}: {what}") if progress else (lambda what: None)
     key = (n_total, cfg.n_quant_calib, cfg.n_qirc, None if eval_source is None else len(eval_source))
     fp32 = fp32 if fp32 is not None and fp32.key == key else None
-    qcal_images, qirc_images = _images(source, qcal_idx), _images(source, qirc_idx)
+    qcal_images, qirc_images = images_of(source, qcal_idx), images_of(source, qirc_idx)
     qvit = quantize(visual, cfg.scheme, qcal_images, cfg.backend)
     qvit.set_classifier(text_features, logit_scale, class_names)
     depth, num_classes = qvit.depth, text_features.shape[0]
@@ -277,38 +233,38 @@ def run_experiment(
         per_seed.append(_measure_seed(qvit, cfg, seed, calib, evalt, eval_src, fp32_c, fp32_e, qirc, num_classes,
                                       cache if i == 0 else None))
     first = per_seed[0]
-    cal_positions = (np.concatenate([qcal_idx, qirc_idx, pool_idx[first["calib"]["patch_mean"].index]])
+    cal_positions = (np.concatenate([qcal_idx, qirc_idx, pool_idx[first.calib["patch_mean"].index]])
                      if eval_tables is None else None)
     split = {"kind": "one source, held-out splits" if eval_tables is None else "separate calibration source",
              "hold_out_seed": HOLD_OUT_SEED, "n_quant_calib": cfg.n_quant_calib, "n_qirc": cfg.n_qirc,
-             "calib_fraction": cfg.calib_fraction if eval_tables is None else None, "seed": first["seed"]}
-    qvit.exit_policy = with_meta(first["policy"], **{CALIBRATION_KEY: calibration_record(source, cal_positions, split)})
+             "calib_fraction": cfg.calib_fraction if eval_tables is None else None, "seed": first.seed}
+    qvit.exit_policy = with_meta(first.policy, **{CALIBRATION_KEY: calibration_record(source, cal_positions, split)})
 
-    extra = ablations(first["calib"], first["eval"], qirc.nsr_per_layer, qvit.arch, num_classes,
-                      first["calibration"], seed=first["seed"]) if cfg.ablate else {}
+    extra = ablations(first.calib, first.evalt, qirc.nsr_per_layer, qvit.arch, num_classes,
+                      first.calibration, seed=first.seed) if cfg.ablate else {}
     controls = _controls(qvit, cfg, first, pool if eval_tables is None else eval_source, qirc, num_classes, cache,
                          desc("batch sensitivity")) if cfg.controls else {}
     n_skipped = int(getattr(source, "n_skipped", 0)) + int(getattr(eval_source, "n_skipped", 0))
     report = _report(cfg, qirc, per_seed, extra, controls, len(qcal_images), len(qirc_images), n_skipped,
                      split_check, pool_idx if eval_tables is None else eval_keep)
-    report["seconds"] = time.perf_counter() - t_start
+    report.seconds = time.perf_counter() - t_start
     return ExperimentResult(report, qvit, tables, fp32, qcal_images, qirc_images)
 
 
-def _report(cfg, qirc, per_seed, extra, controls, n_qcal, n_qirc, n_skipped, split_check, eval_positions) -> dict:
+def _report(cfg, qirc: QIRCReport, per_seed: list[SeedRun], extra, controls, n_qcal, n_qirc, n_skipped, split_check,
+            eval_positions) -> ExperimentReport:
     first = per_seed[0]
-    ev, cal, sim = first["evaluation"], first["calibration"], first["simulated"]
-    keys = ("acc_fp32", "acc_full", "acc_ee", "delta", "flops_saving")
-    seeds_summary = {k: stats.mean_std([getattr(r["evaluation"], k) for r in per_seed])
-                     for k in keys if getattr(ev, k) is not None}
-    seeds_summary["rescued"] = stats.mean_std([r["evaluation"].quadrants["rescued"] for r in per_seed])
-    seeds_summary["hurt"] = stats.mean_std([r["evaluation"].quadrants["hurt"] for r in per_seed])
-    agreements = [r["agreement"] for r in per_seed]
-    check = {k: first["agreement"][k] for k in ("n", "exit_layer_agreement", "prediction_agreement",
-                                                "full_depth_agreement")}
+    ev, cal, sim = first.evaluation, first.calibration, first.simulated
+    seeds_summary = {k: stats.mean_std([getattr(r.evaluation, k) for r in per_seed])
+                     for k in SEED_KEYS if getattr(ev, k) is not None}
+    seeds_summary["rescued"] = stats.mean_std([r.evaluation.quadrants["rescued"] for r in per_seed])
+    seeds_summary["hurt"] = stats.mean_std([r.evaluation.quadrants["hurt"] for r in per_seed])
+    agreements = [r.agreement for r in per_seed]
+    check = {k: first.agreement[k] for k in ("n", "exit_layer_agreement", "prediction_agreement",
+                                             "full_depth_agreement")}
     check.update(exact=all(a["exact"] for a in agreements), scope="the whole evaluation split of every seed",
                  per_seed=agreements)
-    layers_per_seed = [r["calibration"].exit_layers for r in per_seed]
+    layers_per_seed = [r.calibration.exit_layers for r in per_seed]
     flags = []
     if not check["exact"]:
         worst = min(agreements, key=lambda a: a["prediction_agreement"])
@@ -321,55 +277,47 @@ def _report(cfg, qirc, per_seed, extra, controls, n_qcal, n_qirc, n_skipped, spl
     if any(layers != layers_per_seed[0] for layers in layers_per_seed):
         flags.append(f"the exit layers chosen differ between seeds: {layers_per_seed}")
     for r in per_seed:
-        if r["calibration"].no_early_exit:
-            flags.append(f"seed {r['seed']}: calibration chose no early exit — early exit does not help here")
-    run = first["run"]
+        if r.calibration.no_early_exit:
+            flags.append(f"seed {r.seed}: calibration chose no early exit — early exit does not help here")
+    run = first.run
     batches = [[int(eval_positions[p]) for p in b] for b in run.batches] if eval_positions is not None else run.batches
-    run_record = {**run.record("shuffled", first["seed"], with_batches=False),
+    run_record = {**run.record("shuffled", first.seed, with_batches=False),
                   "positions_in": "the source" if split_check is None else "the evaluation source", "batches": batches}
-    return {
-        "scheme": cfg.scheme,
-        "scheme_description": SCHEME_HELP[cfg.scheme],
-        "n_quant_calibration": int(n_qcal),
-        "n_qirc": int(n_qirc),
-        "n_calibration": cal.n_calibration,
-        "n_eval": ev.n_eval,
-        "n_skipped": n_skipped,
-        "target": ev.target,
-        "measured_by": "executor",
-        **{k: getattr(ev, k) for k in ("acc_fp32", "acc_full", "acc_ee", "top5_fp32", "top5_full", "top5_ee",
-                                       "delta", "delta_ci95", "acc_full_ci95", "acc_ee_ci95", "mcnemar_p",
-                                       "mcnemar_p_vs_fp32", "flops_full", "flops_ee", "flops_saving")},
-        "quadrants": ev.quadrants,
-        "quadrants_by_exit": ev.quadrants_by_exit,
-        "quadrants_vs_fp32": ev.quadrants_vs_fp32,
-        "exit_histogram": ev.exit_histogram,
-        "simulated": {"acc_full": sim.acc_full, "acc_ee": sim.acc_ee, "delta": sim.delta, "quadrants": sim.quadrants,
-                      "flops_saving": sim.flops_saving, "exit_histogram": sim.exit_histogram},
-        "executor_batches": run_record,
-        "split_check": split_check or {"checked": True, "method": "disjoint positions of one source (asserted)"},
-        "nsr_per_layer": qirc.nsr_per_layer,
-        "qirc": qirc.as_dict(),
-        "exit_layers": cal.exit_layers,
-        "exit_layers_per_seed": layers_per_seed,
-        "inr_per_exit": cal.inr_per_exit,
-        "thresholds": cal.thresholds,
-        "alpha": cal.alpha,
-        "tau0": cal.tau0,
-        "no_early_exit": cal.no_early_exit,
-        "calibration": cal.as_dict(),
-        "seeds": list(cfg.seeds),
-        "per_seed": [{"seed": r["seed"], **{k: getattr(r["evaluation"], k) for k in keys},
-                      "quadrants": r["evaluation"].quadrants, "exit_layers": r["calibration"].exit_layers,
-                      "tau0": r["calibration"].tau0, "no_early_exit": r["calibration"].no_early_exit,
-                      "executor_check": r["agreement"],
-                      "fp32_early_exit_delta": None if not r["fp32_ee"] else r["fp32_ee"].get("delta")}
-                     for r in per_seed],
-        "over_seeds": seeds_summary,
-        "executor_check": check,
-        "flags": flags,
-        "ablations": extra.get("ablations", {}),
-        "alpha_sweep": extra.get("alpha_sweep", []),
-        "tau0_sweep": extra.get("tau0_sweep", {}),
-        "controls": controls,
-    }
+    measured = ("acc_fp32", "acc_full", "acc_ee", "top5_fp32", "top5_full", "top5_ee", "delta", "delta_ci95",
+                "acc_full_ci95", "acc_ee_ci95", "mcnemar_p", "mcnemar_p_vs_fp32", "flops_full", "flops_ee",
+                "flops_saving", "quadrants", "quadrants_by_exit", "quadrants_vs_fp32", "exit_histogram")
+    return ExperimentReport(
+        scheme=cfg.scheme,
+        scheme_description=SCHEME_HELP[cfg.scheme],
+        n_quant_calibration=int(n_qcal),
+        n_qirc=int(n_qirc),
+        n_calibration=cal.n_calibration,
+        n_eval=ev.n_eval,
+        n_skipped=n_skipped,
+        target=ev.target,
+        measured_by="executor",
+        **{k: getattr(ev, k) for k in measured},
+        simulated={"acc_full": sim.acc_full, "acc_ee": sim.acc_ee, "delta": sim.delta, "quadrants": sim.quadrants,
+                   "flops_saving": sim.flops_saving, "exit_histogram": sim.exit_histogram},
+        executor_batches=run_record,
+        split_check=split_check or {"checked": True, "method": "disjoint positions of one source (asserted)"},
+        nsr_per_layer=qirc.nsr_per_layer,
+        qirc=qirc,
+        exit_layers=cal.exit_layers,
+        exit_layers_per_seed=layers_per_seed,
+        inr_per_exit=cal.inr_per_exit,
+        thresholds=cal.thresholds,
+        alpha=cal.alpha,
+        tau0=cal.tau0,
+        no_early_exit=cal.no_early_exit,
+        calibration=cal,
+        seeds=list(cfg.seeds),
+        per_seed=[r.summary() for r in per_seed],
+        over_seeds=seeds_summary,
+        executor_check=check,
+        flags=flags,
+        ablations=extra.get("ablations", {}),
+        alpha_sweep=extra.get("alpha_sweep", []),
+        tau0_sweep=extra.get("tau0_sweep", {}),
+        controls=controls,
+    )

@@ -5,8 +5,6 @@ All decisions are made on the calibration split; the evaluation split is only me
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import numpy as np
 import torch
 
@@ -18,6 +16,7 @@ from lra_kernels.policy import check_exit_layers
 from . import stats
 from .exits import ExitTable, simulate
 from .gate import NO_EXIT, GateFit, gate_scores, inr, thresholds, train_gate
+from .results import CalibrationReport, EvalReport
 
 PAPER_EXITS = {"ViT-B-32": (8, 10, 11)}  # the paper's exits for ViT-B/32 (blocks run before each exit)
 TAU0_GRID = np.round(np.linspace(0.05, 1.0, 96), 4)
@@ -42,35 +41,6 @@ def resolve_exit_layers(spec, depth: int) -> tuple[int, ...] | None:
     if not layers:
         raise ValueError(f"exit layers must be a non-empty set within 1..{depth - 1}, got {spec}")
     return layers
-
-
-@dataclass
-class CalibrationReport:
-    scheme: str
-    target: str
-    n_calibration: int
-    candidate_layers: list[int]
-    acc_per_layer: dict[int, float]  # exit-head accuracy on the calibration split (and the full depth)
-    nsr_per_layer: dict[int, float]
-    inr_per_layer: dict[int, float]
-    exit_layers: list[int]
-    inr_per_exit: list[float]
-    features: list[str]
-    gates: list[dict]
-    alpha: float
-    tau0: float
-    thresholds: list[float]
-    head: str
-    calib_acc_full: float
-    calib_acc_ee: float
-    calib_flops_saving: float
-    flops_budget: float | None
-    tau0_search: list[dict] = field(default_factory=list)
-    qirc: dict | None = None  # the QIRC diagnostics the INR came from, when calibrated end to end
-    no_early_exit: bool = False  # tau0 = NO_EXIT: on the calibration split early exit did not help
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _policy(fits: list[GateFit], layers, taus, head, meta=None) -> ExitPolicy:
@@ -189,42 +159,6 @@ def fit_policy(
         tau0_search=search, no_early_exit=no_exit,
     )
     return policy, report
-
-
-@dataclass
-class EvalReport:
-    n_eval: int
-    target: str
-    acc_fp32: float | None
-    acc_full: float
-    acc_ee: float
-    top5_fp32: float | None
-    top5_full: float
-    top5_ee: float
-    delta: float
-    delta_ci95: list[float]
-    acc_full_ci95: list[float]
-    acc_ee_ci95: list[float]
-    quadrants: dict  # vs the INT8 full-depth model
-    quadrants_vs_fp32: dict | None
-    mcnemar_p: float
-    mcnemar_p_vs_fp32: float | None
-    exit_histogram: dict[int, float]
-    flops_full: float
-    flops_ee: float
-    flops_saving: float
-    exit_layers: list[int]
-    thresholds: list[float]
-    n_skipped: int = 0
-    quadrants_by_exit: dict | None = None  # the quadrants of the samples that exited early / ran to full depth
-    measured_by: str = "simulation"  # "executor": classify on recorded batches; "simulation": exit tables
-    split_check: dict | None = None  # how calibration / evaluation disjointness was checked
-    executor_check: dict | None = None  # the exit-table simulation against the executor, sample by sample
-    executor_batches: dict | None = None  # the recorded batches the executor ran
-    controls: dict | None = None  # table-based controls (lra_ee.controls)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _fractions(q: stats.Quadrants) -> dict[str, float]:

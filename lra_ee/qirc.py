@@ -10,8 +10,6 @@ the whole image set, not a mean of per-batch ratios.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -20,18 +18,7 @@ import torch.nn.functional as F
 from lra_kernels.heads import exit_head, own_head
 from lra_kernels.kernels.exit_head import exit_head_ref
 
-
-@dataclass
-class QIRCReport:
-    scheme: str
-    nsr_per_layer: list[float]  # depth + 1 values: embedding, then after each block
-    cos_per_layer: list[float]  # mean token cosine, same layers
-    exit_nsr: list[float]  # exit embedding NSR after blocks 1..depth (depth: the model's own head)
-    exit_cos: list[float]
-    n_images: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from .results import QIRCReport
 
 
 @torch.no_grad()

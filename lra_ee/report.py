@@ -115,24 +115,34 @@ def plot_pareto(sweeps: dict[str, dict], path: Path, title: str) -> Path:
     return _finish(fig, ax, path, title)
 
 
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and (math.isnan(v) or math.isinf(v)))
+
+
 def _fmt(v, pct=True, digits=2):
-    if v is None:
+    if _missing(v):
         return "–"
     return f"{100 * v:.{digits}f}%" if pct else f"{v:.{digits}f}"
 
 
 def _pp(v, ci=None) -> str:
-    if v is None:
+    if _missing(v):
         return "–"
     out = f"{100 * v:+.2f}"
-    if ci and ci[0] is not None and ci[1] is not None:
+    if ci and not _missing(ci[0]) and not _missing(ci[1]):
         out += f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
     return out
 
 
-def split_sentence(r: dict) -> str:
+def _section(r, name: str):
+    """An optional section of a report (None when this kind of report has none: a model-directory evaluation
+    has no seeds, ablations or schemes)."""
+    return getattr(r, name, None)
+
+
+def split_sentence(r) -> str:
     """Calibration / evaluation sizes, saying "disjoint" only when it was checked."""
-    check = r.get("split_check") or {}
+    check = r.split_check or {}
     if check.get("checked"):
         how = check.get("method", "checked")
         excluded = check.get("n_excluded")
@@ -140,8 +150,8 @@ def split_sentence(r: dict) -> str:
         disjoint = f"disjoint — checked: {how}{extra}"
     else:
         disjoint = f"disjointness NOT checked: {check.get('reason', 'no record of the calibration images')}"
-    return (f"Calibration images: {r.get('n_calibration')}, evaluation images: {r.get('n_eval')} ({disjoint}); "
-            f"seeds {r.get('seeds')}; unreadable images skipped: {r.get('n_skipped', 0)}.")
+    return (f"Calibration images: {r.n_calibration}, evaluation images: {r.n_eval} ({disjoint}); "
+            f"seeds {r.seeds}; unreadable images skipped: {r.n_skipped or 0}.")
 
 
 def controls_markdown(controls: dict) -> list[str]:
@@ -162,12 +172,12 @@ def controls_markdown(controls: dict) -> list[str]:
     return lines
 
 
-def _quadrant_lines(r: dict) -> list[str]:
-    q = r["quadrants"]
+def _quadrant_lines(r) -> list[str]:
+    q = r.quadrants
     lines = ["| | both right | rescued (EE right, full wrong) | hurt (EE wrong, full right) | both wrong |",
              "|---|---|---|---|---|",
              f"| all | {_fmt(q['both_right'])} | {_fmt(q['rescued'])} | {_fmt(q['hurt'])} | {_fmt(q['both_wrong'])} |"]
-    for name, g in (r.get("quadrants_by_exit") or {}).items():
+    for name, g in (r.quadrants_by_exit or {}).items():
         lines.append(f"| {name} ({_fmt(g['fraction'], digits=1)} of images) | {_fmt(g['both_right'])} | "
                      f"{_fmt(g['rescued'])} | {_fmt(g['hurt'])} | {_fmt(g['both_wrong'])} |")
     return lines + ["", "Rows \"exited\" / \"continued\": samples that left at an early exit / ran all blocks, "
@@ -176,66 +186,67 @@ def _quadrant_lines(r: dict) -> list[str]:
                         "quantization), not from the exit.", ""]
 
 
-def _seed_lines(r: dict) -> list[str]:
+def _seed_lines(per_seed) -> list[str]:
     lines = ["| seed | exit layers | tau0 | INT8 full | INT8 + EE | Δ | FLOPs saved | sim = executor |",
              "|---|---|---|---|---|---|---|---|"]
-    for s in r["per_seed"]:
-        chk = s.get("executor_check") or {}
-        tau = "no early exit" if s.get("no_early_exit") else s.get("tau0")
-        lines.append(f"| {s['seed']} | {s['exit_layers']} | {tau} | {_fmt(s['acc_full'])} | {_fmt(s['acc_ee'])} | "
-                     f"{_pp(s['delta'])} pp | {_fmt(s['flops_saving'])} | "
+    for s in per_seed:
+        chk = s.executor_check or {}
+        tau = "no early exit" if s.no_early_exit else s.tau0
+        lines.append(f"| {s.seed} | {s.exit_layers} | {tau} | {_fmt(s.acc_full)} | {_fmt(s.acc_ee)} | "
+                     f"{_pp(s.delta)} pp | {_fmt(s.flops_saving)} | "
                      f"{_fmt(chk.get('prediction_agreement'), digits=1)} |")
     return lines + [""]
 
 
-def markdown(report: dict, plots: dict[str, str]) -> str:
-    """``report.md``: the numbers and the pictures a reader of the paper would look for."""
+def markdown(report, plots: dict[str, str]) -> str:
+    """``report.md`` of an ``ExperimentReport`` / ``DemoReport`` / ``ModelEvaluationReport``: the numbers and the
+    pictures a reader of the paper would look for."""
     r = report
-    lines = [f"# LRA-EE report — {r.get('model')} ({r.get('weights')} weights)", ""]
-    if r.get("note"):
-        lines += [f"> {r['note']}", ""]
-    for flag in r.get("flags") or []:
+    lines = [f"# LRA-EE report — {r.model} ({r.weights} weights)", ""]
+    if _section(r, "note"):
+        lines += [f"> {r.note}", ""]
+    for flag in r.flags or []:
         lines += [f"> **Flag:** {flag}", ""]
-    lines += [f"Data: {r.get('data')}. Scheme: **{r.get('scheme')}**. Target: {r.get('target')}.", "",
-              split_sentence(r), ""]
-    b = r.get("executor_batches") or {}
+    lines += [f"Data: {r.data}. Scheme: **{r.scheme}**. Target: {r.target}.", "", split_sentence(r), ""]
+    b = r.executor_batches or {}
     how = (f"through the executor (`classify`), {b.get('n_batches')} recorded batches of {b.get('batch_size')} "
            f"({b.get('order')}, seed {b.get('seed')}, digest {b.get('digest')}); INT8 full depth = the disabled policy "
-           f"on the same batches") if r.get("measured_by") == "executor" else "from exit tables (simulation)"
+           f"on the same batches") if r.measured_by == "executor" else "from exit tables (simulation)"
     lines += ["## Accuracy and FLOPs (evaluation split)", "", f"Measured {how}.", "",
               "| | top-1 | top-5 | mean GFLOPs / image |", "|---|---|---|---|",
-              f"| FP32 | {_fmt(r.get('acc_fp32'))} | {_fmt(r.get('top5_fp32'))} | – |",
-              f"| INT8 full depth | {_fmt(r.get('acc_full'))} | {_fmt(r.get('top5_full'))} | "
-              f"{r['flops_full'] / 1e9:.3f} |",
-              f"| INT8 + LRA-EE | {_fmt(r.get('acc_ee'))} | {_fmt(r.get('top5_ee'))} | {r['flops_ee'] / 1e9:.3f} |", "",
-              f"Δ top-1 (LRA-EE − INT8 full): **{_pp(r['delta'])} pp**, paired bootstrap 95% CI "
-              f"[{_pp(r['delta_ci95'][0])}, {_pp(r['delta_ci95'][1])}] pp; "
-              f"FLOPs saved: **{_fmt(r['flops_saving'])}** (exit heads and gates included); "
-              f"McNemar p (rescued vs hurt, exact) = {r['mcnemar_p']:.3g}.", ""]
-    if r.get("over_seeds"):
-        s = r["over_seeds"]
+              f"| FP32 | {_fmt(r.acc_fp32)} | {_fmt(r.top5_fp32)} | – |",
+              f"| INT8 full depth | {_fmt(r.acc_full)} | {_fmt(r.top5_full)} | {r.flops_full / 1e9:.3f} |",
+              f"| INT8 + LRA-EE | {_fmt(r.acc_ee)} | {_fmt(r.top5_ee)} | {r.flops_ee / 1e9:.3f} |", "",
+              f"Δ top-1 (LRA-EE − INT8 full): **{_pp(r.delta)} pp**, paired bootstrap 95% CI "
+              f"[{_pp(r.delta_ci95[0])}, {_pp(r.delta_ci95[1])}] pp; "
+              f"FLOPs saved: **{_fmt(r.flops_saving)}** (exit heads and gates included); "
+              f"McNemar p (rescued vs hurt, exact) = {r.mcnemar_p:.3g}.", ""]
+    over_seeds = _section(r, "over_seeds")
+    if over_seeds:
         lines += ["Over calibration seeds (mean ± std): " + ", ".join(
-            f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}%" for k, v in s.items()) + ".", ""]
-    if r.get("per_seed"):
-        lines += ["### Per seed", ""] + _seed_lines(r)
+            f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}%" for k, v in over_seeds.items()) + ".", ""]
+    per_seed = _section(r, "per_seed")
+    if per_seed:
+        lines += ["### Per seed", ""] + _seed_lines(per_seed)
     lines += ["## Four quadrants (vs INT8 full depth, per-sample correctness against the target)", ""]
     lines += _quadrant_lines(r)
-    q = r["quadrants"]
-    lines += [f"Identity check: acc_EE − acc_full = {100 * r['delta']:+.3f} pp = rescued − hurt = "
+    q = r.quadrants
+    lines += [f"Identity check: acc_EE − acc_full = {100 * r.delta:+.3f} pp = rescued − hurt = "
               f"{100 * (q['rescued'] - q['hurt']):+.3f} pp.", ""]
     if "quadrants" in plots:
         lines += [f"![quadrants]({plots['quadrants']})", ""]
-    if r.get("controls"):
-        lines += ["## Controls: would they confirm or refute the rescue effect?", ""] + controls_markdown(r["controls"])
+    if r.controls:
+        lines += ["## Controls: would they confirm or refute the rescue effect?", ""] + controls_markdown(r.controls)
         lines += ["", "Early-exit rows are ordered by the scheme's NSR after the last block (FP32 = 0): if "
                   "rescued − hurt does not grow with the noise, the effect is not quantization collapse. Static "
                   "exit, oracle, random gate and head confound are computed on the exit tables of the first seed's "
                   "evaluation split; batch sensitivity runs the executor.", ""]
-    if r.get("schemes"):
+    schemes = _section(r, "schemes")
+    if schemes:
         lines += ["## Schemes: the paper's INT8, a better quantizer, and early exit on each", "",
                   "| scheme | FP32 | INT8 full | INT8 + EE | Δ (95% CI) | rescued | hurt | FLOPs saved | final NSR |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for name, s in r["schemes"].items():
+        for name, s in schemes.items():
             lines.append(f"| {name} | {_fmt(s.get('acc_fp32'))} | {_fmt(s['acc_full'])} | {_fmt(s['acc_ee'])} | "
                          f"{_pp(s['delta'], s['delta_ci95'])} | {_fmt(s['quadrants']['rescued'])} | "
                          f"{_fmt(s['quadrants']['hurt'])} | {_fmt(s['flops_saving'])} | "
@@ -244,29 +255,31 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
     lines += ["## QIRC: noise-to-signal ratio per layer", ""]
     if "qirc" in plots:
         lines += [f"![QIRC]({plots['qirc']})", ""]
-    if r.get("nsr_per_layer"):
+    if r.nsr_per_layer:
         lines += ["NSR after each block (report's scheme): "
-                  + ", ".join(f"{100 * v:.1f}%" for v in r["nsr_per_layer"]), ""]
-    tau = "no early exit" if r.get("no_early_exit") else r.get("tau0")
+                  + ", ".join(f"{100 * v:.1f}%" for v in r.nsr_per_layer), ""]
+    tau = "no early exit" if r.no_early_exit else r.tau0
     lines += ["## Exits", "",
-              f"Exit layers {r['exit_layers']}, INR {[round(v, 2) for v in r.get('inr_per_exit') or []]}, "
-              f"thresholds {[round(v, 3) for v in r['thresholds']]} (tau0 = {tau}, alpha = {r.get('alpha')}).", ""]
+              f"Exit layers {r.exit_layers}, INR {[round(v, 2) for v in r.inr_per_exit or []]}, "
+              f"thresholds {[round(v, 3) for v in r.thresholds]} (tau0 = {tau}, alpha = {r.alpha}).", ""]
     if "exit_histogram" in plots:
         lines += [f"![exit histogram]({plots['exit_histogram']})", ""]
     if "pareto" in plots:
         lines += ["## Accuracy vs FLOPs (simulated on exit tables)", "", f"![pareto]({plots['pareto']})", ""]
-    if r.get("ablations"):
+    ablations = _section(r, "ablations")
+    if ablations:
         lines += ["## Ablations (each re-calibrated on the calibration split; simulated on exit tables)", "",
                   "| variant | top-1 EE | Δ vs full | FLOPs saved |", "|---|---|---|---|"]
-        for name, a in r["ablations"].items():
+        for name, a in ablations.items():
             lines.append(f"| {name} | {_fmt(a['acc_ee'])} | {100 * a['delta']:+.2f} pp | {_fmt(a['flops_saving'])} |")
         lines.append("")
-    if r.get("alpha_sweep"):
+    alpha_sweep = _section(r, "alpha_sweep")
+    if alpha_sweep:
         lines += ["Alpha sweep (0 = flat threshold): " + "; ".join(
             f"α={a['alpha']}: {_fmt(a['acc_ee'])}, saved {_fmt(a['flops_saving'])}"
-            for a in r["alpha_sweep"]) + ".", ""]
-    if r.get("executor_check"):
-        e = r["executor_check"]
+            for a in alpha_sweep) + ".", ""]
+    if r.executor_check:
+        e = r.executor_check
         verdict = ("exact: the simulation is what the executor does" if e.get("exact") else
                    "NOT exact: the numbers above are the executor's; simulated ones (ablations, sweeps, table "
                    "controls) are approximations")
@@ -275,33 +288,34 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
                   f"layers, "
                   f"{_fmt(e['prediction_agreement'])} of predictions and {_fmt(e.get('full_depth_agreement'))} of "
                   f"full-depth predictions — {verdict}.", ""]
-    if r.get("throughput"):
-        t = r["throughput"]
+    throughput = _section(r, "throughput")
+    if throughput:
+        t = throughput
         lines += [f"## Throughput ({t.get('device')}, batch {t.get('batch_size')}, {t.get('threads')} threads)", "",
                   "| | img/s |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in t["img_per_s"].items()] + [""]
     return "\n".join(lines)
 
 
-def write_report(out_dir: str | Path, report: dict, qirc_curves: dict[str, list[float]] | None = None,
+def write_report(out_dir: str | Path, report, qirc_curves: dict[str, list[float]] | None = None,
                  quadrants: dict[str, dict] | None = None, sweeps: dict[str, dict] | None = None) -> dict[str, Path]:
-    """Write ``report.json``, the plots and ``report.md`` into ``out_dir``."""
+    """Write ``report.json`` (``report.to_dict()``), the plots and ``report.md`` of a typed report into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    label = f"{report.get('model')}, {report.get('weights')} weights"
+    label = f"{report.model}, {report.weights} weights"
     plots: dict[str, str] = {}
-    curves = qirc_curves or {report["scheme"]: report["nsr_per_layer"]}
+    curves = qirc_curves or {report.scheme: report.nsr_per_layer}
     plots["qirc"] = plot_qirc(curves, out / "qirc_nsr.png", f"QIRC: NSR per layer ({label})").name
-    plots["exit_histogram"] = plot_exit_histogram(report["exit_histogram"], out / "exit_histogram.png",
-                                                  f"exits, {report['scheme']} ({label})").name
-    plots["quadrants"] = plot_quadrants(quadrants or {report["scheme"]: report["quadrants"]}, out / "quadrants.png",
+    plots["exit_histogram"] = plot_exit_histogram(report.exit_histogram, out / "exit_histogram.png",
+                                                  f"exits, {report.scheme} ({label})").name
+    plots["quadrants"] = plot_quadrants(quadrants or {report.scheme: report.quadrants}, out / "quadrants.png",
                                         f"four quadrants ({label})").name
-    if sweeps or report.get("tau0_sweep"):
-        operating = {"relative_flops": 1 - report["flops_saving"], "acc_ee": report["acc_ee"]}
-        sw = sweeps or {report["scheme"]: {**report["tau0_sweep"], "acc_full": report["acc_full"],
-                                            "operating": operating}}
+    tau0_sweep = _section(report, "tau0_sweep")
+    if sweeps or tau0_sweep:
+        operating = {"relative_flops": 1 - report.flops_saving, "acc_ee": report.acc_ee}
+        sw = sweeps or {report.scheme: {**tau0_sweep, "acc_full": report.acc_full, "operating": operating}}
         plots["pareto"] = plot_pareto(sw, out / "pareto.png", f"accuracy vs FLOPs ({label})").name
     files = {k: out / v for k, v in plots.items()}
-    files["json"] = write_json(out / "report.json", report)
-    (out / "report.md").write_text(markdown(_jsonable(report), plots))
+    files["json"] = write_json(out / "report.json", report.to_dict())
+    (out / "report.md").write_text(markdown(report, plots))
     files["md"] = out / "report.md"
     return files

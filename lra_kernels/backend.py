@@ -68,7 +68,8 @@ def choose_backend(backend: str, device: torch.device, quant_config=None) -> Bac
 
 
 def resolve_backend(backend: str, device: torch.device, quant_config=None) -> str:
-    """The concrete backend name (``"torch"``, ``"triton"`` or ``"cpu"``) for a model of ``quant_config`` on ``device``."""
+    """The concrete backend name (``"torch"``, ``"triton"`` or ``"cpu"``) for a model of ``quant_config`` on
+    ``device``."""
     return choose_backend(backend, device, quant_config).name
 
 

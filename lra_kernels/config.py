@@ -35,7 +35,8 @@ class QuantConfig:
             raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {self.act_quant!r}")
         if self.smooth_alpha is not None:
             if self.act_quant == "paper":
-                raise ValueError("smooth_alpha cannot be combined with act_quant='paper' (the paper's scheme has no smoothing)")
+                raise ValueError("smooth_alpha cannot be combined with act_quant='paper' "
+                                 "(the paper's scheme has no smoothing)")
             if not 0.0 <= float(self.smooth_alpha) <= 1.0:
                 raise ValueError(f"smooth_alpha must lie in [0, 1], got {self.smooth_alpha}")
         if self.static_percentile is not None:
@@ -120,5 +121,6 @@ class VisionArch:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VisionArch":
         d = dict(d)
-        d["preprocess_cfg"] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.get("preprocess_cfg", {}).items()}
+        d["preprocess_cfg"] = {k: tuple(v) if isinstance(v, list) else v
+                               for k, v in d.get("preprocess_cfg", {}).items()}
         return cls(**d)

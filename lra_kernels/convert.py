@@ -44,7 +44,8 @@ def _activation_name(act: nn.Module) -> str:
         return "quick_gelu"
     if isinstance(act, nn.GELU):
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"
-    raise NotImplementedError(f"unsupported MLP activation {type(act).__name__}: expected nn.GELU or open_clip QuickGELU")
+    raise NotImplementedError(f"unsupported MLP activation {type(act).__name__}: "
+                              f"expected nn.GELU or open_clip QuickGELU")
 
 
 def _layer_scale(ls: nn.Module, width: int) -> torch.Tensor | None:
@@ -68,7 +69,8 @@ def _check_block(block: nn.Module, index: int) -> None:
         raise NotImplementedError(f"block {index} is a cross-attention block, which is not supported")
     attn = block.attn
     if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim or attn.bias_k is not None:
-        raise NotImplementedError(f"block {index}: only nn.MultiheadAttention with a packed in_proj and no bias_kv is supported")
+        raise NotImplementedError(f"block {index}: only nn.MultiheadAttention with a packed in_proj and no bias_kv "
+                                  f"is supported")
     for ln in (block.ln_1, block.ln_2):
         if not isinstance(ln, nn.LayerNorm):
             raise NotImplementedError(f"block {index}: unsupported norm {type(ln).__name__} (expected LayerNorm)")
@@ -167,7 +169,8 @@ class FloatBlockParams:
                 w[name] = w[name] * gamma[:, None]
                 if b[name] is not None:
                     b[name] = b[name] * gamma
-        return cls(ln(block.ln_1), ln(block.ln_2), w, b, attn.num_heads, float(block.ln_1.eps), _activation_name(mlp.gelu))
+        return cls(ln(block.ln_1), ln(block.ln_2), w, b, attn.num_heads, float(block.ln_1.eps),
+                   _activation_name(mlp.gelu))
 
     def to(self, device) -> "FloatBlockParams":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -310,7 +313,8 @@ def quantize_block(
     x_scale = dict.fromkeys(GEMMS)
     if config.act_quant == "per_tensor_static":
         x_scale = {name: _static_scale(stats[name], smooth[name], config.static_percentile) for name in GEMMS}
-    mode = {"in_proj": config.attn_mode, "out_proj": config.attn_mode, "c_fc": config.mlp_mode, "c_proj": config.mlp_mode}
+    mode = {"in_proj": config.attn_mode, "out_proj": config.attn_mode,
+            "c_fc": config.mlp_mode, "c_proj": config.mlp_mode}
     smooth_inv = {"c_proj": p.c_proj_smooth_inv}
     linear = {name: QuantLinear.from_float(p.w[name], p.b[name], mode[name], x_scale=x_scale[name],
                                            smooth_inv=smooth_inv.get(name))

@@ -135,7 +135,8 @@ def run_early_exit(
 
 
 def run_all_exits(
-    model, images: torch.Tensor, layers: tuple[int, ...], text: torch.Tensor, logit_scale: float, head: str = "patch_mean"
+    model, images: torch.Tensor, layers: tuple[int, ...], text: torch.Tensor, logit_scale: float,
+    head: str = "patch_mean",
 ) -> AllExitsResult:
     """Run the full depth on every sample and evaluate the exit head + gate features at ``layers``."""
     ops = model.ops()

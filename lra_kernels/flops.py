@@ -42,7 +42,10 @@ class FlopsModel:
         """
         exit_layer = exit_layer.to("cpu", torch.int64)
         points = torch.tensor(exit_layers, dtype=torch.int64)
-        evaluated = (points[None, :] <= exit_layer[:, None]).sum(1) if len(exit_layers) else torch.zeros_like(exit_layer)
+        if len(exit_layers):
+            evaluated = (points[None, :] <= exit_layer[:, None]).sum(1)
+        else:
+            evaluated = torch.zeros_like(exit_layer)
         flops = self.embed + exit_layer * self.block + evaluated * (self.exit_head + self.gate)
         full = exit_layer == self.depth
         return flops + full * (self.final_head + self.classifier)

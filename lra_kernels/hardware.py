@@ -105,7 +105,8 @@ def parse_act_dtype(requested) -> torch.dtype | None:
         return None
     if isinstance(requested, str):
         if requested not in _ACT_NAMES:
-            raise ValueError(f"act_dtype must be torch.float32, torch.bfloat16, torch.float16 or None, got {requested!r}")
+            raise ValueError(f"act_dtype must be torch.float32, torch.bfloat16, torch.float16 or None, "
+                             f"got {requested!r}")
         return _ACT_NAMES[requested]
     if requested not in ACT_DTYPES:
         raise ValueError(f"act_dtype must be torch.float32, torch.bfloat16, torch.float16 or None, got {requested!r}")

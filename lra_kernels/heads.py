@@ -70,8 +70,8 @@ def exit_head(tower, exit_head_op, x: torch.Tensor, text: torch.Tensor, logit_sc
 
 
 def check_text_features(text_features, output_dim: int, class_names=None, logit_scale: float = 100.0) -> torch.Tensor:
-    """A zero-shot classifier ``text_features[C, output_dim]`` (L2-normalised rows) as fp32; ``TypeError``/``ValueError``
-    saying what is wrong with it, its ``class_names`` or its ``logit_scale``."""
+    """A zero-shot classifier ``text_features[C, output_dim]`` (L2-normalised rows) as fp32;
+    ``TypeError``/``ValueError`` saying what is wrong with it, its ``class_names`` or its ``logit_scale``."""
     if not isinstance(text_features, torch.Tensor) or not text_features.is_floating_point():
         raise TypeError(f"text_features must be a float tensor [C, {output_dim}], got {type(text_features).__name__}")
     if text_features.ndim != 2 or text_features.shape[1] != output_dim or text_features.shape[0] < 1:

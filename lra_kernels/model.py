@@ -218,11 +218,13 @@ class QuantEarlyExitViT(nn.Module):
                 return compiled.compiled(fn)(module, x, ops, *args)
             except Exception as err:  # a missing compiler or an Inductor limitation: stay correct, run eager
                 self._compile_failed = True
-                warnings.warn(f"torch.compile of the quantized tower failed ({type(err).__name__}: {err}); running eager")
+                warnings.warn(f"torch.compile of the quantized tower failed ({type(err).__name__}: {err}); "
+                              f"running eager")
         return fn(module, x, ops, *args)
 
     def embed(self, images: torch.Tensor, ops=None) -> torch.Tensor:
-        """``[B, 3, H, W]`` -> tokens ``[B, T, D]`` in ``act_dtype`` (patch embedding, class token, positions, ln_pre)."""
+        """``[B, 3, H, W]`` -> tokens ``[B, T, D]`` in ``act_dtype`` (patch embedding, class token, positions,
+        ln_pre)."""
         return self._run(compiled.call_embed, self, images, ops or self.ops(), self.act_dtype)
 
     def run_block(self, index: int, x: torch.Tensor, ops=None) -> torch.Tensor:
@@ -352,7 +354,8 @@ class QuantEarlyExitViT(nn.Module):
         return self.cuda_graphs
 
     @torch.no_grad()
-    def classify(self, images: torch.Tensor, return_gate: bool = False, policy: ExitPolicy | None = None) -> ClassifyResult:
+    def classify(self, images: torch.Tensor, return_gate: bool = False,
+                 policy: ExitPolicy | None = None) -> ClassifyResult:
         """Zero-shot classification with early exits (full depth when the policy is disabled).
 
         Returns logits[B, C], L2-normalised embeddings[B, E], exit_layer[B] (int64; ``depth``
@@ -376,7 +379,8 @@ class QuantEarlyExitViT(nn.Module):
         return parts[0] if len(parts) == 1 else ClassifyResult.cat(parts)
 
     @torch.no_grad()
-    def all_exits(self, images: torch.Tensor, layers: tuple[int, ...] | None = None, head: str | None = None) -> AllExitsResult:
+    def all_exits(self, images: torch.Tensor, layers: tuple[int, ...] | None = None,
+                  head: str | None = None) -> AllExitsResult:
         """Evaluate exit heads + gate features at ``layers`` (default: the policy's) and the
         final head, on every sample, without leaving early (calibration / evaluation)."""
         text = self.require_classifier()
@@ -396,7 +400,8 @@ class QuantEarlyExitViT(nn.Module):
     def extra_repr(self) -> str:
         a, q = self.arch, self.quant_config
         return (
-            f"width={a.width}, layers={a.layers}, heads={a.heads}, image_size={a.image_size}, patch_size={a.patch_size}, "
-            f"act_quant={q.act_quant}, smooth_alpha={q.smooth_alpha}, backend={self.backend} ({self.resolved_backend}), "
+            f"width={a.width}, layers={a.layers}, heads={a.heads}, image_size={a.image_size}, "
+            f"patch_size={a.patch_size}, act_quant={q.act_quant}, smooth_alpha={q.smooth_alpha}, "
+            f"backend={self.backend} ({self.resolved_backend}), "
             f"act_dtype={act_dtype_name(self.act_dtype)}" + ("" if self._act_dtype_request else " (auto)")
         )

@@ -121,7 +121,8 @@ class ExitPolicy:
         return tensors, {"exit_layers": list(self.exit_layers), "head": self.head, "meta": self.meta}
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], info: dict[str, Any], prefix: str = "exit_policy.") -> "ExitPolicy":
+    def from_state(cls, tensors: dict[str, torch.Tensor], info: dict[str, Any],
+                   prefix: str = "exit_policy.") -> "ExitPolicy":
         missing = [prefix + n for n in TENSOR_FIELDS if prefix + n not in tensors]
         if missing:
             raise ValueError(f"saved exit policy lacks tensors {missing}")
@@ -131,5 +132,6 @@ class ExitPolicy:
     def __repr__(self) -> str:
         if not self.enabled:
             return "ExitPolicy.disabled()"
-        return (f"ExitPolicy(exit_layers={self.exit_layers}, threshold={[round(t, 4) for t in self.threshold.tolist()]}, "
+        threshold = [round(t, 4) for t in self.threshold.tolist()]
+        return (f"ExitPolicy(exit_layers={self.exit_layers}, threshold={threshold}, "
                 f"head={self.head!r})")

@@ -53,7 +53,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     cfg_file = path / CONFIG_FILE
     if not path.is_dir():
-        raise FileNotFoundError(f"no model directory at {path} (expected a directory written by QuantEarlyExitViT.save)")
+        raise FileNotFoundError(f"no model directory at {path} "
+                                f"(expected a directory written by QuantEarlyExitViT.save)")
     if not cfg_file.is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a saved model: expected {CONFIG_FILE} and {WEIGHTS_FILE} inside it")
     cfg = json.loads(cfg_file.read_text())
@@ -61,7 +62,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{cfg_file} is not a {FORMAT} config (format={cfg.get('format')!r})")
     if int(cfg.get("format_version", -1)) > FORMAT_VERSION:
         raise ValueError(
-            f"{cfg_file} has format_version {cfg['format_version']}, newer than this lra-kernels reads ({FORMAT_VERSION}); upgrade lra-kernels"
+            f"{cfg_file} has format_version {cfg['format_version']}, newer than this lra-kernels reads "
+            f"({FORMAT_VERSION}); upgrade lra-kernels"
         )
     return cfg
 
@@ -96,8 +98,8 @@ def read_model(path: str | Path) -> SavedModel:
     tensors = load_file(str(path / WEIGHTS_FILE))
     if int(cfg.get("format_version", 1)) < 2:
         tensors = _upgrade_v1(tensors)
-    return SavedModel(VisionArch.from_dict(cfg["arch"]), QuantConfig.from_dict(cfg["quant"]), cfg.get("backend", "auto"),
-                      cfg.get("act_dtype", "float32"), tensors, cfg.get("extra", {}))
+    return SavedModel(VisionArch.from_dict(cfg["arch"]), QuantConfig.from_dict(cfg["quant"]),
+                      cfg.get("backend", "auto"), cfg.get("act_dtype", "float32"), tensors, cfg.get("extra", {}))
 
 
 def split_state(saved: SavedModel, own: set[str], path: str | Path) -> tuple[dict, dict]:

@@ -89,7 +89,8 @@ class TowerParts:
         for name, shape in want.items():
             got = getattr(self, name)
             if got is None or tuple(got.shape) != shape:
-                raise ValueError(f"{name} must have shape {list(shape)}, got {None if got is None else list(got.shape)}")
+                raise ValueError(f"{name} must have shape {list(shape)}, "
+                                 f"got {None if got is None else list(got.shape)}")
         if not arch.has_proj and self.proj is not None:
             raise ValueError("a tower without proj (has_proj=False) was given a proj")
         if len(self.blocks) != arch.layers:

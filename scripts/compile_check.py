@@ -12,7 +12,7 @@ SM, and instruction counts. It fails (exit 1) when
   ``cp.async`` or a byte-wide global load, or its config claims more CTAs per SM than fit.
 
     python scripts/compile_check.py                 # every variant (minutes on 2 cores; --jobs N)
-    python scripts/compile_check.py --quick         # one variant per kernel (tests/test_triton_backend.py)
+    python scripts/compile_check.py --quick         # one variant per kernel (tests/lra_kernels/ops/test_triton_ops.py)
     python scripts/compile_check.py --self-test     # known-bad variants: exit 0 only if each is flagged
 """
 

@@ -72,13 +72,13 @@ overall=0
 PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
 "$PY" -c "import xdist" 2> /dev/null && PYTEST+=(-n 4) || echo "note: no pytest-xdist: tests run in one process"
 "$PY" -c "import pytest_timeout" 2> /dev/null && PYTEST+=(--timeout 90) || echo "note: no pytest-timeout"
-TESTS=(tests/test_kernel_layernorm_quant.py tests/test_kernel_int8_gemm.py tests/test_kernel_exit_head.py
-    tests/test_kernel_gate_features.py tests/test_kernel_tuning.py tests/test_triton_backend.py
-    tests/test_cuda_graphs.py tests/test_act_dtype.py)
+TESTS=(tests/lra_kernels/kernels/test_layernorm_quant.py tests/lra_kernels/kernels/test_int8_gemm.py tests/lra_kernels/kernels/test_exit_head.py
+    tests/lra_kernels/kernels/test_gate_features.py tests/lra_kernels/kernels/test_tuning.py tests/lra_kernels/ops/test_triton_ops.py
+    tests/lra_kernels/test_cuda_graphs.py tests/lra_kernels/test_act_dtype.py)
 CC_ARGS=(--jobs 6)
 BENCH_SELECT=()
 if [[ "$DRY" == 1 ]]; then
-    TESTS=(tests/test_kernel_tuning.py tests/test_cuda_graphs.py)
+    TESTS=(tests/lra_kernels/kernels/test_tuning.py tests/lra_kernels/test_cuda_graphs.py)
     CC_ARGS=(--quick --jobs 2)
     BENCH_SELECT=(-k "ceilings or int8_gemm or heads")
 fi

@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 def jobs():
     import torch
-
     from bench_gpu_kernels import GEMMS, TOKENS, sweep_cases
+
     from lra_kernels.kernels.int8_gemm import gpu_configs
 
     F16, F32 = torch.float16, torch.float32

@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernel tests (``test_kernel_*.py``, ``test_triton_backend.py``).
+"""Helpers shared by the Triton kernel tests (``lra_kernels/kernels/test_*.py``,
+``lra_kernels/ops/test_triton_ops.py``).
 
 The kernels run on CUDA when a GPU is present, else on CPU tensors in Triton's interpreter
 (``TRITON_INTERPRET=1``, set by ``conftest.py`` before Triton is imported).
@@ -30,7 +31,8 @@ def poisoned(shape, dtype, device=DEVICE) -> torch.Tensor:
     return torch.full(shape, 77, dtype=dtype, device=device)
 
 
-def assert_within_torch_error(out: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor, atol: float = 0.0, name: str = ""):
+def assert_within_torch_error(out: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor, atol: float = 0.0,
+                              name: str = ""):
     """flash-attention's rule: ``|out - exact| <= 2 * max|ref - exact| + atol``.
 
     ``ref``: PyTorch's result in the same dtype as ``out``; ``exact``: a float64 evaluation. NaN

@@ -48,7 +48,8 @@ def check_device(op: str, tensors: dict[str, torch.Tensor | None]) -> torch.devi
     )
 
 
-def check_out(op: str, out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, name: str = "out"):
+def check_out(op: str, out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+              name: str = "out"):
     """A caller-provided output buffer must match exactly (shape, dtype, device)."""
     if out is None:
         return None

@@ -97,11 +97,11 @@ def _gate_features_kernel(
     for c0 in range(0, C, BLOCK_C):
         idx = c0 + c
         ok = idx < C
-        l = tl.load(l_row + idx * stride_lc, mask=ok, other=float("-inf")).to(tl.float32)
-        n_bad += tl.where(ok & ((tl.abs(l) < float("inf")) == 0), 1, 0)
-        better = l > lane_max  # strict: a lane keeps its first occurrence
+        logit = tl.load(l_row + idx * stride_lc, mask=ok, other=float("-inf")).to(tl.float32)
+        n_bad += tl.where(ok & ((tl.abs(logit) < float("inf")) == 0), 1, 0)
+        better = logit > lane_max  # strict: a lane keeps its first occurrence
         lane_arg = tl.where(better, idx, lane_arg)
-        lane_max = tl.where(better, l, lane_max)
+        lane_max = tl.where(better, logit, lane_max)
     l_max = tl.max(lane_max, axis=0)
     top1 = tl.min(tl.where(lane_max == l_max, lane_arg, C), axis=0)
     lane_sum = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -109,9 +109,9 @@ def _gate_features_kernel(
     for c0 in range(0, C, BLOCK_C):
         idx = c0 + c
         ok = idx < C
-        l = tl.load(l_row + idx * stride_lc, mask=ok, other=float("-inf")).to(tl.float32)
-        lane_sum += tl.where(ok, tl.exp(l - l_max), 0.0)
-        lane_second = tl.maximum(lane_second, tl.where(idx == top1, float("-inf"), l))
+        logit = tl.load(l_row + idx * stride_lc, mask=ok, other=float("-inf")).to(tl.float32)
+        lane_sum += tl.where(ok, tl.exp(logit - l_max), 0.0)
+        lane_second = tl.maximum(lane_second, tl.where(idx == top1, float("-inf"), logit))
     total = tl.sum(lane_sum, axis=0)
     conf = tl.math.div_rn(1.0, total)
     if C >= 2:
@@ -164,7 +164,8 @@ def gate_features(logits: torch.Tensor, h: torch.Tensor, *, out: torch.Tensor | 
     if C < 1:
         raise ValueError(f"gate_features: expected logits [B, C] with C >= 1, got {list(logits.shape)}")
     if T < 2 or D < 1:
-        raise ValueError(f"gate_features: expected h [B, T >= 2, D >= 1] (patch tokens after the class token), got {list(h.shape)}")
+        raise ValueError(f"gate_features: expected h [B, T >= 2, D >= 1] (patch tokens after the class token), "
+                         f"got {list(h.shape)}")
     device = check_device(op, {"logits": logits, "h": h})
     BLOCK_D = next_pow2(D)
     if BLOCK_D > MAX_WIDTH:

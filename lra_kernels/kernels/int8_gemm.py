@@ -38,8 +38,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import _tuning
 from ..names import ACT_CODES, ACTIVATIONS
+from . import _tuning
 from ._gemm_common import _activate, _grouped_tile
 from ._launch import FLOAT_DTYPES, check_device, check_out, check_tensor
 from ._triton import interpreting, tl, triton

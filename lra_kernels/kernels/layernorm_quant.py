@@ -180,7 +180,8 @@ def _launch(
     if static_scale is not None:
         check_tensor(op, "x_scale", static_scale, dtypes=(torch.float32,), shape_hint="[] (one calibrated scale)")
         if static_scale.numel() != 1:
-            raise ValueError(f"{op}: expected a single calibrated x_scale (shape []), got shape {list(static_scale.shape)}")
+            raise ValueError(f"{op}: expected a single calibrated x_scale (shape []), "
+                             f"got shape {list(static_scale.shape)}")
     device = check_device(op, {"x": x, **vectors, "x_scale": static_scale})
     if K == 0:
         raise ValueError(f"{op}: expected x of shape [M, K] with K >= 1, got {list(x.shape)}")
@@ -269,5 +270,6 @@ def quantize_per_tensor(
     *,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton ``quantize_per_tensor_ref``: a calibrated scalar ``x_scale`` -> ``(q int8, row scales, NaN where non-finite)``."""
+    """Triton ``quantize_per_tensor_ref``: a calibrated scalar ``x_scale`` -> ``(q int8, row scales)``, the scale
+    NaN where a row is non-finite."""
     return _launch("quantize_per_tensor", x, has_ln=False, smooth_inv=smooth_inv, static_scale=x_scale, out=out)

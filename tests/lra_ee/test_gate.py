@@ -132,9 +132,8 @@ def test_no_early_exit_is_a_possible_answer():
     """Exits right 60% of the time with uninformative features, full depth always right: every threshold
     up to 1 lets samples leave at the high-INR exit (its threshold is tau0 / 2), so only "no early exit"
     keeps the calibration accuracy."""
-    from lra_kernels.config import VisionArch
-
     from lra_ee.gate import NO_EXIT
+    from lra_kernels.config import VisionArch
 
     rng = np.random.default_rng(8)
     n = 600

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "readme_demo_table.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "readme_demo_table.py"
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,8 @@ def test_quantize_per_tensor_is_bit_exact(M, K, smooth):
 def test_round_half_to_even_and_near_ties():
     halves = torch.arange(-300, 301, dtype=torch.float32) / 2  # every tie in [-150, 150]
     near = torch.cat([torch.nextafter(halves, halves + 1), torch.nextafter(halves, halves - 1)])
-    special = torch.tensor([0.49999997, -0.49999997, 0.5, -0.5, 1.5, 2.5, 126.5, -126.5, 127.49998, 1e30, -1e30, 0.0, -0.0])
+    special = torch.tensor([0.49999997, -0.49999997, 0.5, -0.5, 1.5, 2.5, 126.5, -126.5, 127.49998, 1e30, -1e30,
+                            0.0, -0.0])
     x = torch.cat([halves, near, special]).view(1, -1).to(DEVICE)
     one = torch.tensor(1.0, device=DEVICE)
     _assert_exact(quantize_per_tensor(x, one), quantize_per_tensor_ref(x, one))

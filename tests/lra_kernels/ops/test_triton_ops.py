@@ -164,7 +164,7 @@ def _compile_check(*args):
     from pathlib import Path
 
     pytest.importorskip("triton.backends.nvidia.compiler")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     proc = subprocess.run([sys.executable, str(root / "scripts" / "compile_check.py"), *args, "--jobs", "2"],
                           capture_output=True, text=True, timeout=600, cwd=root)
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:

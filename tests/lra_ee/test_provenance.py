@@ -7,7 +7,6 @@ import torch
 
 from conftest import make_tower
 from lra_ee.data import TensorSource, load_image_folder
-from lra_ee.experiment import quantize
 from lra_ee.provenance import (
     CALIBRATION_KEY,
     MODEL_KEY,
@@ -19,6 +18,7 @@ from lra_ee.provenance import (
     source_model_record,
     with_meta,
 )
+from lra_ee.schemes import quantize
 from lra_ee.synthetic import policy_with_exit_fractions
 from test_data import write_image_folder
 

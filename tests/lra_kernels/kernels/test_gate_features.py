@@ -31,7 +31,8 @@ def _check(logits, h):
     ref = gate_features_ref(logits, h)
     exact = _exact(logits, h)
     for i, name in enumerate(("confidence", "margin", "spatial_variance")):
-        assert_within_torch_error(out[:, i], ref[:, i], exact[:, i], atol=1e-7 * (1 + exact[:, i].abs().max().item()), name=name)
+        assert_within_torch_error(out[:, i], ref[:, i], exact[:, i], atol=1e-7 * (1 + exact[:, i].abs().max().item()),
+                                  name=name)
     return out
 
 

@@ -6,8 +6,9 @@ import torch
 
 from conftest import make_tower
 from lra_ee.data import load_image_folder
-from lra_ee.experiment import ExperimentConfig, quantize, run_experiment
+from lra_ee.experiment import ExperimentConfig, run_experiment
 from lra_ee.measure import ExecutorRun, batch_plan, batch_sensitivity, run_executor, simulation_agreement
+from lra_ee.schemes import quantize
 from lra_ee.synthetic import policy_with_exit_fractions
 from lra_kernels import ExitPolicy
 from lra_kernels.flops import flops_model
@@ -87,7 +88,7 @@ def test_experiment_on_an_image_folder_with_an_unreadable_file(folder, tower):
     cfg = ExperimentConfig(scheme="per_token", seeds=(0,), n_quant_calib=8, n_qirc=8, n_boot=100, batch_size=16,
                            exit_layers=(1, 2, 3), ablate=False, random_gate_draws=50)
     with pytest.warns(UserWarning, match="broken.jpg"):
-        r = run_experiment(tower, src, _text(), cfg, ["a", "b", "c", "d"], progress=False).report
+        r = run_experiment(tower, src, _text(), cfg, ["a", "b", "c", "d"], progress=False).report.to_dict()
     assert r["n_skipped"] == 1
     assert r["n_quant_calibration"] + r["n_qirc"] + r["n_calibration"] + r["n_eval"] == 120
     assert r["executor_check"]["exact"] and r["executor_check"]["n"] == r["n_eval"]

@@ -10,8 +10,14 @@ import torch
 
 from conftest import M_SIZES
 from kernel_checks import DEVICE, assert_within_torch_error, gpu, ignore_fp_warnings, poisoned
-from lra_kernels.kernels.int8_gemm import (ACTIVATIONS, apply_activation, gpu_configs, int8_gemm, int8_gemm_ref,
-                                           weight_layout)
+from lra_kernels.kernels.int8_gemm import (
+    ACTIVATIONS,
+    apply_activation,
+    gpu_configs,
+    int8_gemm,
+    int8_gemm_ref,
+    weight_layout,
+)
 from lra_kernels.kernels.int8_gemm_persistent import tma_compatible
 
 # (K, N): not multiples of the blocks, K spanning several BLOCK_K slices with a ragged tail; the last
@@ -146,7 +152,8 @@ TILES = (
 
 
 def _tile_id(c):
-    return f"{c.get('kernel', 'tiled')}-{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}g{c['GROUP_M']}s{c.get('EPILOGUE_SUBTILE', 1)}"
+    return (f"{c.get('kernel', 'tiled')}-{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}g{c['GROUP_M']}"
+            f"s{c.get('EPILOGUE_SUBTILE', 1)}")
 
 
 @ignore_fp_warnings

@@ -93,7 +93,8 @@ def test_gemm_epilogue_matches_reference(M, K, N, activation):
             torch.testing.assert_close(y, ref, atol=0, rtol=0)
         else:  # the activations' exp/erf differ by a few ulp; then the output's own rounding
             tol = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
-            torch.testing.assert_close(y.float(), ref.float(), atol=tol * (1 + ref.float().abs().max().item()), rtol=tol)
+            torch.testing.assert_close(y.float(), ref.float(), atol=tol * (1 + ref.float().abs().max().item()),
+                                       rtol=tol)
 
 
 @pytest.mark.parametrize("static", (None, 0.05))
@@ -103,7 +104,10 @@ def test_gemm_then_quantize_matches_the_two_references(static):
     smooth = torch.rand(96) + 0.5
     got = co.gemm_quant(a, co.PackedWeight.pack(w), w_scale, bias, "none", smooth=smooth, static_scale=static)
     y = int8_gemm_ref(a.int8(), w, a.scale, w_scale, bias)
-    q, s = quantize_per_token_ref(y, smooth) if static is None else quantize_per_tensor_ref(y, torch.tensor(static), smooth)
+    if static is None:
+        q, s = quantize_per_token_ref(y, smooth)
+    else:
+        q, s = quantize_per_tensor_ref(y, torch.tensor(static), smooth)
     torch.testing.assert_close(got.int8(), q, atol=0, rtol=0)
     torch.testing.assert_close(got.scale, s, atol=0, rtol=0)
     assert got.K == 96
@@ -172,7 +176,8 @@ def test_attention_matches_sdpa(B, T, heads, D, dtype):
 
 def test_rows_matmul_is_exact_per_row_and_accurate():
     g = torch.Generator().manual_seed(7)
-    a, w, text = torch.randn(37, 768, generator=g), torch.randn(768, 512, generator=g), torch.randn(1000, 512, generator=g)
+    a, w = torch.randn(37, 768, generator=g), torch.randn(768, 512, generator=g)
+    text = torch.randn(1000, 512, generator=g)
     out = co.rows_matmul(a, w)
     torch.testing.assert_close(out.double(), a.double() @ w.double(), atol=1e-4, rtol=1e-5)
     logits = co.rows_matmul(out, text.t())  # the transpose of a contiguous [N, K]: read as rows

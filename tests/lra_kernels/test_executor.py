@@ -131,7 +131,8 @@ def test_every_row_written_once_in_order_and_matches_all_exits(qvit, case):
     if expected_layers is not None:
         assert set(res.exit_layer.tolist()) == expected_layers
     else:
-        assert len(set(res.exit_layer.tolist())) >= 3, f"mixed policy should spread exits, got {res.exit_layer.tolist()}"
+        assert len(set(res.exit_layer.tolist())) >= 3, \
+            f"mixed policy should spread exits, got {res.exit_layer.tolist()}"
     # Row i's result is the all-exits result at its exit layer, exactly.
     ref = qvit.all_exits(x, EXITS, head)
     slot = {layer: k for k, layer in enumerate(ref.layers)}
@@ -183,7 +184,8 @@ def test_nonfinite_image_never_exits_and_stays_local(qvit, poison):
     res = _classify(qvit, p, x)
     assert res.exit_layer[3] == DEPTH
     keep = [0, 1, 2, 4, 5]
-    assert torch.equal(res.logits[keep], clean.logits[keep]) and torch.equal(res.exit_layer[keep], clean.exit_layer[keep])
+    assert torch.equal(res.logits[keep], clean.logits[keep])
+    assert torch.equal(res.exit_layer[keep], clean.exit_layer[keep])
 
 
 def test_empty_and_single(qvit):

@@ -74,7 +74,8 @@ def test_output_tokens_like_open_clip():
 
 def test_fp32_tower_is_not_modified(tower):
     before = {k: v.clone() for k, v in tower.state_dict().items()}
-    QuantEarlyExitViT.from_open_clip(tower, smooth_alpha=0.5, calibration_images=images_for(tower, 4), compile_blocks=False)
+    QuantEarlyExitViT.from_open_clip(tower, smooth_alpha=0.5, calibration_images=images_for(tower, 4),
+                                     compile_blocks=False)
     after = tower.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -95,8 +96,9 @@ def test_custom_block_is_rejected():
 def test_non_vit_tower_is_rejected():
     from open_clip.modified_resnet import ModifiedResNet
 
+    resnet = ModifiedResNet(layers=(1, 1, 1, 1), output_dim=32, heads=2, image_size=64, width=16)
     with pytest.raises(NotImplementedError, match="VisionTransformer"):
-        QuantEarlyExitViT.from_open_clip(ModifiedResNet(layers=(1, 1, 1, 1), output_dim=32, heads=2, image_size=64, width=16))
+        QuantEarlyExitViT.from_open_clip(resnet)
     with pytest.raises(NotImplementedError, match="VisionTransformer"):
         QuantEarlyExitViT.from_open_clip(nn.Linear(3, 3))
 

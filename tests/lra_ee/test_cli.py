@@ -19,7 +19,7 @@ REPORT_KEYS = {
 CONTROLS = {"fp32_early_exit", "static_exit", "oracle", "random_gate", "head_confound", "batch_sensitivity",
             "rescued_minus_hurt_by_nsr"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args, timeout=600):

@@ -55,7 +55,7 @@ def _replay(model, src, batches, policy):
 def test_experiment_on_builtin_task(runs, scheme):
     src, out = runs
     res = out[scheme]
-    r = res.report
+    r = res.report.to_dict()
     json.dumps(r)  # serialisable
     assert r["n_quant_calibration"] == 16 and r["n_qirc"] == 8
     assert r["n_calibration"] + r["n_eval"] == 240 - 16 - 8
@@ -89,7 +89,7 @@ def test_experiment_on_builtin_task(runs, scheme):
 def test_reported_numbers_are_the_executors_on_the_recorded_batches(runs, scheme):
     src, out = runs
     res = out[scheme]
-    r = res.report
+    r = res.report.to_dict()
     b = r["executor_batches"]
     assert b["batch_size"] == 32 and b["order"] == "shuffled" and b["n"] == r["n_eval"]
     positions = [p for batch in b["batches"] for p in batch]
@@ -111,35 +111,36 @@ def test_reported_numbers_are_the_executors_on_the_recorded_batches(runs, scheme
 def test_controls(runs):
     src, out = runs
     for scheme, res in out.items():
-        c = res.report["controls"]
+        report = res.report.to_dict()
+        c = report["controls"]
         assert CONTROLS <= set(c), CONTROLS - set(c)
         order = c["rescued_minus_hurt_by_nsr"]
         assert [e["scheme"] for e in order] == ["fp32", scheme]
         assert order[0]["final_nsr"] == 0.0 and order[1]["final_nsr"] > 0
-        assert order[1]["rescued_minus_hurt"] == pytest.approx(res.report["delta"])
+        assert order[1]["rescued_minus_hurt"] == pytest.approx(report["delta"])
         f = c["fp32_early_exit"]
         assert f["acc_ee"] - f["acc_full"] == pytest.approx(f["rescued"] - f["hurt"])
-        assert f["acc_full"] == pytest.approx(res.report["acc_fp32"]), "FP32 full depth on the same evaluation split"
+        assert f["acc_full"] == pytest.approx(report["acc_fp32"]), "FP32 full depth on the same evaluation split"
         layers = c["static_exit"][scheme]["policy_layers"]
-        assert layers == res.report["exit_layers"]
+        assert layers == report["exit_layers"]
         assert set(c["static_exit"][scheme]["layers"]) == {1, 2, 3, 4, 5}
         for layer, o in c["oracle"][scheme]["per_layer"].items():
             s = c["static_exit"][scheme]["layers"][layer]
             assert o["hurt"] == 0 and o["acc"] >= max(s["acc"], s["acc_reference"])
         g = c["random_gate"][scheme]
         assert g["random_ci95"][0] <= g["random_mean"] <= g["random_ci95"][1] and 0 < g["p_value"] <= 1
-        assert g["exit_histogram"] == pytest.approx(res.report["simulated"]["exit_histogram"])
+        assert g["exit_histogram"] == pytest.approx(report["simulated"]["exit_histogram"])
         h = c["head_confound"][scheme]
-        assert h["acc_own_head"] == pytest.approx(res.report["simulated"]["acc_full"])
-    sens = out["paper"].report["controls"]["batch_sensitivity"]["paper"]
+        assert h["acc_own_head"] == pytest.approx(report["simulated"]["acc_full"])
+    sens = out["paper"].report.controls["batch_sensitivity"]["paper"]
     assert set(sens["runs"]) == {"b1", "b32_shuffled", "b32_sorted", "b256"}
     assert sens["n"] == 64 and sens["runs"]["b1"]["n_batches"] == 64 and sens["runs"]["b32_sorted"]["n_batches"] == 2
-    assert "batch_sensitivity" not in out["smoothquant"].report["controls"], "per-token rows never depend on the batch"
+    assert "batch_sensitivity" not in out["smoothquant"].report.controls, "per-token rows never depend on the batch"
 
 
 def test_saved_model_records_its_calibration_images(runs):
     src, out = runs
-    r = out["smoothquant"].report
+    r = out["smoothquant"].report.to_dict()
     rec = out["smoothquant"].model.exit_policy.meta["calibration_data"]
     assert rec["n_images"] == 16 + 8 + r["n_calibration"]
     from lra_ee.provenance import fingerprints
@@ -187,7 +188,7 @@ def test_calibrate_api_with_unlabelled_images_then_evaluate(task_and_tower, tmp_
     calib = TensorSource(task.images[:120])  # no labels: the gates learn to agree with FP32
     qvit, rep = calibrate(v, calib, task.text_features, scheme="smoothquant", exit_layers=(3, 5), n_quant_calib=16,
                           class_names=task.class_names, model_name="tiny", pretrained="random")
-    assert rep.target == "fp32" and rep.exit_layers == [3, 5] and rep.qirc["scheme"] == "smoothquant"
+    assert rep.target == "fp32" and rep.exit_layers == [3, 5] and rep.qirc.scheme == "smoothquant"
     assert qvit.exit_policy.exit_layers == (3, 5) and qvit.class_names == task.class_names
     assert qvit.exit_policy.meta["source_model"] == {"open_clip_model": "tiny", "pretrained": "random", "seed": None}
     ev_src = TensorSource(task.images[100:], task.labels[100:])  # 20 of these calibrated the model
@@ -212,7 +213,8 @@ def test_separate_evaluation_source_leaves_out_calibration_images(task_and_tower
     ev = TensorSource(task.images[120:], task.labels[120:], task.class_names)  # its first 30 images calibrate too
     cfg = ExperimentConfig(scheme="smoothquant", seeds=(0,), n_quant_calib=16, n_qirc=8, n_boot=100, ablate=False,
                            random_gate_draws=50)
-    r = run_experiment(v, calib, task.text_features, cfg, task.class_names, eval_source=ev, progress=False).report
+    res = run_experiment(v, calib, task.text_features, cfg, task.class_names, eval_source=ev, progress=False)
+    r = res.report.to_dict()
     assert r["split_check"]["checked"] and r["split_check"]["n_excluded"] == 30 and r["n_eval"] == 90
     assert r["n_calibration"] == 150 - 16 - 8
     positions = sorted(p for b in r["executor_batches"]["batches"] for p in b)

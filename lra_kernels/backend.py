@@ -134,13 +134,13 @@ TORCH_OPS = _torch_ops()
 def _cpu_ops() -> SimpleNamespace:
     from .cpu import block as cpu_block
     from .cpu import ops as cpu
-    from .kernels.exit_head import exit_head_ref
 
     return SimpleNamespace(**{
         **vars(TORCH_OPS),
         "name": "cpu",
         "matmul_rows": cpu.rows_matmul,
-        "exit_head": functools.partial(exit_head_ref, matmul=cpu.rows_matmul),
+        "exit_head": cpu.exit_head,
+        "gate_features": cpu.gate_features,
         "fused_block": cpu_block.forward_or_decline,
         "fused_linear": cpu_block.linear_or_decline,
     })

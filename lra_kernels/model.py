@@ -303,6 +303,9 @@ class QuantEarlyExitViT(nn.Module):
 
     def pool(self, x: torch.Tensor, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's own head, as open_clip's ``_pool`` + ``proj``: ``(pooled[B, E], tokens[B, T-1, D])``, fp32."""
+        if self.pool_type == "tok" and not self.final_ln_after_pool and not self.output_tokens:
+            pooled = self.ln_post(x[:, 0].float())  # LayerNorm is per token: the class token alone
+            return (ops or self.ops()).matmul_rows(pooled, self.proj) if self.proj is not None else pooled, x[:, 1:]
         x = x.float()
         if self.final_ln_after_pool:
             pooled, tokens = self._global_pool(x)

@@ -22,6 +22,10 @@ OUT_FLOAT, OUT_QUANT, OUT_FLOAT_LNQ, OUT_ACC = 0, 1, 2, 3
 
 
 def _ops():
+    from . import available, reason
+
+    if not available():  # builds / loads the library on the first call
+        raise RuntimeError(f"the CPU kernels are not available: {reason()}")
     return torch.ops.lra_cpu
 
 
@@ -73,6 +77,15 @@ def quantize(x: torch.Tensor, *, ln=None, smooth: torch.Tensor | None = None, st
     else:
         codes, scale = _ops().quantize(x, None, None, 0.0, False, smooth, _scale_arg(static_scale))
     return QAct(codes, scale, int(x.shape[-1]))
+
+
+def quantize_patches(images: torch.Tensor, patch_size: tuple[int, int]) -> QAct:
+    """``images[B, C, H, W]`` -> per-patch codes (rows ``(b, gy, gx)``, columns ``(c, y, x)``), as
+    ``quantize`` of the im2col matrix, without building that matrix."""
+    ph, pw = patch_size
+    images = images.contiguous()
+    codes, scale = _ops().quantize_patches(images, int(ph), int(pw))
+    return QAct(codes, scale, int(images.shape[1]) * int(ph) * int(pw))
 
 
 def _gemm(a: QAct, w: PackedWeight, w_scale, bias, activation, residual, kind, out_dtype=torch.float32,

@@ -6,7 +6,9 @@
    and builds a dataset of ``(path, file, offset, size, error)`` rows.
 2. ``map_batches(decode_batch)`` runs as stateless Ray tasks: each reads the bytes, decodes them
    with ``lra_ee.serve.decode_image`` and applies open_clip's eval transform of the saved model
-   (``preprocess_from_cfg``); an unreadable or corrupt input keeps its row with ``error`` set.
+   (``preprocess_from_cfg``) up to its last two steps; an unreadable or corrupt input keeps its
+   row with ``error`` set. The pixels travel as uint8; the actor applies to-tensor + ``Normalize``
+   to the batch (the same float32 operations, so the same values as the whole transform per image).
 3. ``map_batches(Embedder, compute=ActorPoolStrategy(size=workers))``: each actor loads the
    saved ``QuantEarlyExitViT`` once and embeds batches of ``batch_size`` rows. Full depth unless
    ``early_exit``: then the model's exit policy runs and ``exit_layer`` records where each image left.
@@ -38,7 +40,7 @@ __all__ = ["EmbedConfig", "EmbedError", "EmbedFailed", "EmbedReport", "Embedder"
            "embed_main"]
 
 INSTALL_HINT = 'pip install "lra-kernels[embed]"  (or: pip install "ray[data]")'
-DECODE_BLOCK_ROWS = 64  # rows per input block: one decode task's work (64 ViT-B/32 inputs: 38 MB of pixels)
+DECODE_BLOCK_ROWS = 64  # rows per input block: one decode task's work (64 ViT-B/32 inputs: 9.6 MB of pixels)
 
 
 class EmbedFailed(RuntimeError):
@@ -113,32 +115,75 @@ def _transform(preprocess_cfg: dict, image_size: tuple[int, int]):
     return _TRANSFORMS[key]
 
 
+def split_transform(transform):
+    """``(pil_stage, mean, std)`` when ``transform`` ends with to-tensor and ``Normalize`` after an RGB
+    conversion, as open_clip's eval transform does; else None.
+
+    The decode tasks then run only the PIL stage (resize, crop, RGB) and ship uint8 pixels, a
+    quarter of the float32 bytes; the actor applies to-tensor and ``Normalize`` to the whole batch
+    (:func:`normalize_pixels`), the same elementwise float32 operations, so the same values."""
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    steps = list(getattr(transform, "transforms", ()))
+    if len(steps) < 3 or not isinstance(steps[-1], Normalize) or not isinstance(steps[-2], ToTensor):
+        return None
+    return Compose(steps[:-2]), tuple(float(v) for v in steps[-1].mean), tuple(float(v) for v in steps[-1].std)
+
+
+def normalize_pixels(pixels: np.ndarray, mean, std):
+    """uint8 ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]``: ``ToTensor`` then ``Normalize``, batched."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+    m = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def _pil_pixels(body: bytes, pil_stage, h: int, w: int) -> np.ndarray:
+    from .serve import BadImage, decode_image
+
+    image = decode_image(body)
+    try:
+        out = np.asarray(pil_stage(image))
+    except Exception as err:  # an image PIL opened but cannot convert/resize
+        raise BadImage(f"cannot preprocess the {image.format} image (mode {image.mode}): {err}") from None
+    if out.shape != (h, w, 3) or out.dtype != np.uint8:
+        raise BadImage(f"preprocessing gave {out.shape} {out.dtype}, the model takes ({h}, {w}, 3) uint8")
+    return out
+
+
 def decode_batch(batch, preprocess_cfg: dict, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Input rows (an Arrow table: path, file, offset, size, error) -> ``path``, ``pixels`` float32
-    ``[B, 3, H, W]`` (zeros where ``error`` is set) and ``error``."""
+    """Input rows (an Arrow table: path, file, offset, size, error) -> ``path``, ``pixels`` and ``error``.
+
+    ``pixels``: uint8 ``[B, H, W, 3]`` after open_clip's PIL steps (see :func:`split_transform`), or,
+    for a transform that does not split so, float32 ``[B, 3, H, W]`` after all of it; zeros where
+    ``error`` is set (unreadable bytes, or ``lra_ee.serve.decode_image`` / the transform refused them)."""
     from .serve import BadImage, preprocess_body
 
     transform = _transform(preprocess_cfg, image_size)
+    split = split_transform(transform)
     cols = {name: batch.column(name).to_pylist() for name in ("path", "file", "offset", "size", "error")}
     n = len(cols["path"])
     h, w = image_size
-    pixels = np.zeros((n, 3, h, w), dtype=np.float32)
+    pixels = np.zeros((n, h, w, 3), np.uint8) if split else np.zeros((n, 3, h, w), np.float32)
     errors: list[str | None] = list(cols["error"])
     for i in range(n):
         if errors[i] is not None:
             continue
         try:
-            x = preprocess_body(read_input(cols["file"][i], cols["offset"][i], cols["size"][i]), transform)
+            body = read_input(cols["file"][i], cols["offset"][i], cols["size"][i])
+            if split:
+                pixels[i] = _pil_pixels(body, split[0], h, w)
+                continue
+            x = preprocess_body(body, transform)
+            if tuple(x.shape) != (3, h, w):
+                raise BadImage(f"preprocessing gave {tuple(x.shape)}, the model takes (3, {h}, {w})")
+            pixels[i] = x.numpy()
         except BadImage as err:
             errors[i] = str(err)
-            continue
         except OSError as err:
             errors[i] = f"cannot read {cols['file'][i]}: {err.strerror or err}"
-            continue
-        if tuple(x.shape) != (3, h, w):
-            errors[i] = f"preprocessing gave {tuple(x.shape)}, the model takes (3, {h}, {w})"
-            continue
-        pixels[i] = x.numpy()
     return {"path": np.asarray(cols["path"], dtype=object), "pixels": pixels, "error": np.asarray(errors, dtype=object)}
 
 
@@ -164,6 +209,7 @@ class Embedder:
             model.exit_policy = ExitPolicy.disabled()
         self.engine = QuantEngine(model)
         self.device = device
+        self.split = split_transform(_transform(dict(model.preprocess_cfg), tuple(model.image_size)))
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
@@ -175,8 +221,14 @@ class Embedder:
         embeddings: list = [None] * n
         exit_layer: list = [None] * n
         if ok.any():
-            images = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device)
-            res = self.engine.embed(images)
+            pixels = batch["pixels"][ok]
+            if pixels.dtype == np.uint8:
+                if self.split is None:
+                    raise ValueError("uint8 pixels for a model whose transform does not end with ToTensor + Normalize")
+                images = normalize_pixels(pixels, self.split[1], self.split[2])
+            else:
+                images = torch.from_numpy(np.ascontiguousarray(pixels))
+            res = self.engine.embed(images.to(self.device))
             emb = res.embeddings.float().cpu().numpy()
             layers = res.exit_layer.cpu().numpy()
             for j, i in enumerate(np.flatnonzero(ok)):
@@ -217,8 +269,8 @@ def _load_model_info(cfg: EmbedConfig) -> dict:
 
 
 def decode_memory(image_size: tuple[int, int], rows: int = DECODE_BLOCK_ROWS) -> int:
-    """Bytes one decode task reserves: its block of float32 pixels, twice (tensors and the output
-    block), plus room for the decoded images."""
+    """Bytes one decode task reserves: its block of pixels as float32, twice (the most a block takes,
+    for a transform that does not split), plus room for the decoded images."""
     h, w = image_size
     return int(rows * 3 * h * w * 4 * 2 + 256 * 1024**2)
 

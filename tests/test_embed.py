@@ -237,17 +237,42 @@ def _decoded(qvit, collection, paths):
     return decode_batch(table, qvit.preprocess_cfg, tuple(qvit.image_size))
 
 
-def test_decode_batch_is_open_clip_preprocessing_and_errors_are_rows(qvit, collection):
+@pytest.mark.parametrize("split", [True, False], ids=["uint8-pixels", "float-pixels"])
+def test_decode_batch_is_open_clip_preprocessing_and_errors_are_rows(qvit, collection, monkeypatch, split):
+    """Every PIL mode of the corpus: the pixels, normalised as the actor does, equal open_clip's whole
+    transform of that image exactly; a transform that does not split ships float32 pixels instead."""
+    import lra_ee.embed as embed
+
+    if not split:
+        monkeypatch.setattr(embed, "split_transform", lambda transform: None)
+    mean, std = qvit.preprocess_cfg["mean"], qvit.preprocess_cfg["std"]
     everything = set(collection["bodies"]) | set(collection["errors"])
     out = _decoded(qvit, collection, everything)
-    assert out["pixels"].dtype == np.float32 and out["pixels"].shape[1:] == (3, 32, 32)
-    for path, px, err in zip(out["path"], out["pixels"], out["error"]):
+    if split:
+        assert out["pixels"].dtype == np.uint8 and out["pixels"].shape[1:] == (32, 32, 3)
+        images = embed.normalize_pixels(out["pixels"], mean, std)
+    else:
+        assert out["pixels"].dtype == np.float32 and out["pixels"].shape[1:] == (3, 32, 32)
+        images = torch.from_numpy(out["pixels"])
+    for path, x, px, err in zip(out["path"], images, out["pixels"], out["error"]):
         if path in collection["errors"]:
             assert err is not None and collection["errors"][path] in err, (path, err)
             assert not px.any()
         else:
             assert err is None, (path, err)
-            torch.testing.assert_close(torch.from_numpy(px), as_tensor(collection["bodies"][path]), atol=0, rtol=0)
+            torch.testing.assert_close(x, as_tensor(collection["bodies"][path]), atol=0, rtol=0)
+
+
+def test_split_transform_needs_to_tensor_and_normalize_at_the_end():
+    import torchvision.transforms as T
+
+    from lra_ee.embed import split_transform
+
+    assert split_transform(T.Compose([T.Resize(8), T.ToTensor()])) is None
+    assert split_transform(lambda image: image) is None
+    pil, mean, std = split_transform(T.Compose([T.Resize(8), T.CenterCrop(8), T.ToTensor(), T.Normalize((0.5,) * 3,
+                                                                                                       (0.25,) * 3)]))
+    assert len(pil.transforms) == 2 and mean == (0.5,) * 3 and std == (0.25,) * 3
 
 
 def test_embedder_rows_equal_the_model_alone(model_dir, qvit, collection):

@@ -29,7 +29,7 @@ from lra_ee.embed import EmbedConfig, EmbedError, Embedder, build_dataset, decod
 from lra_ee.embed_inputs import MEMBER_SEP, _expand_braces, list_inputs
 from lra_ee.embed_output import MANIFEST, prepare_output, shard_files
 from lra_kernels import ExitPolicy, QuantEarlyExitViT
-from test_serve import CLASS_NAMES, _tower, as_tensor, corrupt_bodies, spread_policy, valid_images
+from test_serve import CLASS_NAMES, _single, _tower, as_tensor, corrupt_bodies, spread_policy, valid_images
 
 RAY_TIMEOUT_S = 240
 
@@ -52,10 +52,7 @@ def deadline(seconds: float):
 # ---------------------------------------------------------------------- data the tests write
 def _named_corrupt() -> list[tuple[str, bytes, str]]:
     """Corrupt bodies under image file names (so the listing takes them), with their expected error."""
-    out = []
-    for name, body, message in corrupt_bodies():
-        out.append((name if "." in name else f"{name}.jpg", body, message))
-    return out
+    return [(name if "." in name else f"{name}.jpg", body, message) for name, body, message in corrupt_bodies()]
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
@@ -124,17 +121,7 @@ def model_dir(qvit, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain_model_dir(tmp_path_factory):
-    return QuantEarlyExitViT.from_open_clip(_tower(), compile_blocks=False).save(
-        tmp_path_factory.mktemp("embed-plain") / "model")
-
-
-def _one_thread(fn, x):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(x)
-    finally:
-        torch.set_num_threads(threads)
+    return QuantEarlyExitViT.from_open_clip(_tower(), compile_blocks=False).save(tmp_path_factory.mktemp("plain") / "m")
 
 
 def expected_rows(model_dir, bodies: dict[str, bytes], early_exit: bool) -> dict[str, tuple[torch.Tensor, int]]:
@@ -145,12 +132,11 @@ def expected_rows(model_dir, bodies: dict[str, bytes], early_exit: bool) -> dict
         model.exit_policy = ExitPolicy.disabled()
     out = {}
     for path, body in bodies.items():
-        x = as_tensor(body).unsqueeze(0)
         if early_exit:
-            res = _one_thread(model.classify, x)
+            res = _single(model.classify, as_tensor(body))  # one image alone, one thread
             out[path] = (res.embeddings[0], int(res.exit_layer[0]))
         else:
-            out[path] = (_one_thread(model, x)[0], model.depth)
+            out[path] = (_single(model, as_tensor(body))[0], model.depth)
     return out
 
 
@@ -408,8 +394,8 @@ def test_decode_tasks_and_model_actors_are_separate_operators(local_ray, model_d
     info = {"preprocess_cfg": {"size": 32}, "image_size": (32, 32)}
     build_dataset(list_inputs(str(collection["root"] / "a")), cfg, info).explain()
     physical = capsys.readouterr().out.split("Physical Plan")[-1]
-    assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in physical, physical
-    assert "ActorPoolMapOperator[MapBatches(Embedder)]" in physical, physical
+    for op in ("TaskPoolMapOperator[MapBatches(decode_batch)]", "ActorPoolMapOperator[MapBatches(Embedder)]"):
+        assert op in physical, physical
 
 
 def test_file_list_with_early_exit(local_ray, model_dir, collection, tmp_path):

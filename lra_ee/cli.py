@@ -5,6 +5,7 @@
     lra-ee evaluate  (--model-dir DIR | --model M --pretrained P) --data DIR ...
     lra-ee diagnose  --model M --pretrained P [--data DIR]         QIRC curves of every scheme
     lra-ee serve     --model-dir DIR                               HTTP serving on Ray Serve
+    lra-ee embed     --model-dir DIR --data PATH --out OUT         embed an image collection on Ray Data (Parquet)
 
 Bad or missing weights / data give one error line and exit code 2 (``lra_ee.errors.UserError``).
 
@@ -326,6 +327,12 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(args: argparse.Namespace) -> int:
+    from .embed import embed_main  # its EmbedError is a UserError
+
+    return embed_main(args)
+
+
 # ---------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     from .schemes import SCHEMES
@@ -403,8 +410,34 @@ def _add_serve(sub) -> None:
     add_parser(sub)
 
 
+def _add_embed(sub) -> None:
+    emb = sub.add_parser("embed", help="embed a folder tree, a file list or tar shards into Parquet on Ray Data "
+                         "(extra: embed)")
+    emb.add_argument("--model-dir", required=True, help="directory written by QuantEarlyExitViT.save or lra-ee "
+                     "calibrate")
+    emb.add_argument("--data", required=True, help="a folder of images, a file with one image path per line, a .tar "
+                     "shard or a shard pattern (shards/{00000..00099}.tar, shards/*.tar)")
+    emb.add_argument("--out", required=True, help="output folder for the Parquet shards (must be new, or --resume)")
+    emb.add_argument("--batch-size", type=int, default=256, help="images per model call (default: %(default)s)")
+    emb.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. auto, or HEAD:6379); default: "
+                     "start Ray on this machine")
+    emb.add_argument("--workers", type=int, default=1, help="model actors, one model each (default: %(default)s)")
+    emb.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per actor, fractions allowed; "
+                     "0 runs on CPU (default: %(default)s)")
+    emb.add_argument("--threads-per-worker", type=int, default=None, help="CPU: torch threads per actor (default: "
+                     "the node's cores / --workers)")
+    emb.add_argument("--early-exit", action="store_true", help="run the saved exit policy and record exit_layer "
+                     "(default: full depth)")
+    emb.add_argument("--resume", action="store_true", help="continue an interrupted or extended run in --out")
+    emb.add_argument("--rows-per-shard", type=int, default=10_000, help="rows per Parquet file, about (default: "
+                     "%(default)s)")
+    emb.add_argument("--compile-blocks", default="auto", choices=("auto", "true", "false"),
+                     help="CPU: compile the blocks with TorchInductor in each actor (default: %(default)s)")
+    emb.set_defaults(func=_embed)
+
+
 # The subcommands, in the order ``lra-ee --help`` lists them: each adds its parser and handler.
-COMMANDS = (_add_demo, _add_calibrate, _add_evaluate, _add_diagnose, _add_serve)
+COMMANDS = (_add_demo, _add_calibrate, _add_evaluate, _add_diagnose, _add_serve, _add_embed)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,8 +35,11 @@ def own_head(tower, x: torch.Tensor, matmul=matmul_rows) -> tuple[torch.Tensor, 
     """The model's own head on tokens ``x[B, T, D]``: ``(pooled[B, E], tokens[B, T-1, D])``, fp32.
 
     ``tokens`` are normalised by ``ln_post`` when the tower has ``output_tokens`` (as open_clip)."""
-    x = x.float()
     ln_post = tower.ln_post
+    if tower.pool_type == "tok" and not tower.final_ln_after_pool and not tower.output_tokens:
+        pooled = ln_post(x[:, 0].float())  # LayerNorm is per token: the class token alone, converted alone
+        return (matmul(pooled, tower.proj) if tower.proj is not None else pooled), x[:, 1:]
+    x = x.float()
     if tower.final_ln_after_pool:
         pooled, tokens = _global_pool(tower, x)
         pooled = ln_post(pooled)

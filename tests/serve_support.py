@@ -1,5 +1,4 @@
-"""What the serving tests (``tests/lra_ee/serve/``) share: request bodies of every kind, the served model, the
-expected answers.
+"""What the serving tests share: request bodies of every kind, the served model, the expected answers.
 
 The fixtures of each test module are built from these (``corpus = fixture(valid_images)``...).
 """

@@ -30,7 +30,7 @@ import torch
 from ..hardware import cpu_caps
 
 _HERE = Path(__file__).resolve().parent
-SOURCES = ("ops.cpp", "gemm.cpp", "attention.cpp")
+SOURCES = ("ops.cpp", "gemm.cpp", "attention.cpp", "heads.cpp")
 HEADERS = ("common.h", "gemm.h", "attention.h")
 # -fopenmp: at::parallel_for is a template whose OpenMP region is compiled here (torch's own libgomp
 # is already loaded and is the one used).

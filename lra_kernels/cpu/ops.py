@@ -21,6 +21,10 @@ OUT_FLOAT, OUT_QUANT, OUT_FLOAT_LNQ, OUT_ACC = 0, 1, 2, 3
 
 
 def _ops():
+    from . import available, reason
+
+    if not available():  # builds / loads the library on the first call
+        raise RuntimeError(f"the CPU kernels are not available: {reason()}")
     return torch.ops.lra_cpu
 
 
@@ -74,6 +78,15 @@ def quantize(x: torch.Tensor, *, ln=None, smooth: torch.Tensor | None = None, st
     return QAct(codes, scale, int(x.shape[-1]))
 
 
+def quantize_patches(images: torch.Tensor, patch_size: tuple[int, int]) -> QAct:
+    """``images[B, C, H, W]`` -> per-patch codes (rows ``(b, gy, gx)``, columns ``(c, y, x)``), as
+    ``quantize`` of the im2col matrix, without building that matrix."""
+    ph, pw = patch_size
+    images = images.contiguous()
+    codes, scale = _ops().quantize_patches(images, int(ph), int(pw))
+    return QAct(codes, scale, int(images.shape[1]) * int(ph) * int(pw))
+
+
 def _gemm(a: QAct, w: PackedWeight, w_scale, bias, activation, residual, kind, out_dtype=torch.float32,
           smooth=None, static_scale=None, ln=None):
     if a.K != w.K:
@@ -125,5 +138,33 @@ def rows_matmul(a: torch.Tensor, w: torch.Tensor, w_nk: bool = False) -> torch.T
 
     ``w`` handed as the transpose of a contiguous ``[N, K]`` matrix (``text.t()``) is read as such."""
     if not w_nk and w.ndim == 2 and w.shape[0] > 1 and w.stride(0) == 1 and w.stride(1) == w.shape[0]:
-        return _ops().rows_matmul(a, w.t(), True)
+        return _ops().rows_matmul(a, _transposed(w.t()), False)  # text.t(): read the cached [K, N] copy
     return _ops().rows_matmul(a, w, w_nk)
+
+
+_text_t_cache: dict = {}
+
+
+def _transposed(text: torch.Tensor) -> torch.Tensor:
+    """``text[C, E]`` as a contiguous fp32 ``[E, C]``, cached per classifier tensor (the last two)."""
+    key = (text.data_ptr(), text._version, tuple(text.shape), text.dtype)
+    hit = _text_t_cache.get(key)
+    if hit is None:
+        if len(_text_t_cache) >= 2:
+            _text_t_cache.pop(next(iter(_text_t_cache)))
+        hit = _text_t_cache[key] = text.float().t().contiguous()
+    return hit
+
+
+def exit_head(h, ln_weight, ln_bias, eps, proj, text, logit_scale, pool="patch_mean"):
+    """``kernels.exit_head.exit_head_ref`` on the CPU kernels: ``(logits[B, C], z[B, E])`` fp32."""
+    if pool not in ("patch_mean", "cls"):
+        raise ValueError(f"pool must be one of ('patch_mean', 'cls'), got {pool!r}")
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    return _ops().exit_head(h, ln_weight, ln_bias, float(eps), None if proj is None else proj.float().contiguous(),
+                            _transposed(text), float(logit_scale), pool == "cls")
+
+
+def gate_features(logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``kernels.gate_features.gate_features_ref`` on the CPU kernels: ``[B, 3]`` fp32."""
+    return _ops().gate_features(logits, h if h.stride(-1) == 1 else h.contiguous())

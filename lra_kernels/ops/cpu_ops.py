@@ -1,9 +1,9 @@
 """The ``"cpu"`` backend: the C++ CPU kernels of ``lra_kernels.cpu`` where they apply.
 
 AVX-512 VNNI / AMX-INT8 GEMMs on packed weights with fused epilogues and fused attention run whole
-blocks (``fused_block``) and the INT8 patch embedding (``fused_linear``); the heads use the
-kernels' fixed-order row products. Everything else, and any block the kernels decline
-(``lra_kernels.cpu.block.decline``), runs on the torch references.
+blocks (``fused_block``) and the INT8 patch embedding (``fused_linear``); the exit head, the
+gate features and the heads' row products are the kernels' own (fixed order). Everything else,
+and any block the kernels decline (``lra_kernels.cpu.block.decline``), runs on the torch references.
 
 Declines: tensors off the CPU, the paper's scheme (per-tensor dynamic activations over the whole
 batch), and machines where the kernels cannot be built (``lra_kernels.cpu.reason()``). Asking
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 
-from ..kernels.exit_head import exit_head_ref
 from .contract import Backend, Ops
 from .reference import TORCH_OPS
 
@@ -28,7 +27,8 @@ def cpu_ops() -> Ops:
     return TORCH_OPS.replace(
         name="cpu",
         matmul_rows=cpu.rows_matmul,
-        exit_head=functools.partial(exit_head_ref, matmul=cpu.rows_matmul),
+        exit_head=cpu.exit_head,
+        gate_features=cpu.gate_features,
         fused_block=cpu_block.forward_or_decline,
         fused_linear=cpu_block.linear_or_decline,
     )

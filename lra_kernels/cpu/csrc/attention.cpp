@@ -16,6 +16,35 @@ struct HeadScratch {
   std::vector<float> kt, v, q, s;
 };
 
+// In-register transpose of a 16 x 16 fp32 block: r[i] holds row i on entry, column i on exit.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // u[4g + e], lane L: rows 4g..4g+3 of element 4L + e
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int e = 0; e < 4; ++e) {
+    t[e] = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88);
+    t[4 + e] = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xDD);
+    t[8 + e] = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88);
+    t[12 + e] = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xDD);
+  }
+  for (int e = 0; e < 4; ++e) {
+    r[e] = _mm512_shuffle_f32x4(t[e], t[8 + e], 0x88);
+    r[8 + e] = _mm512_shuffle_f32x4(t[e], t[8 + e], 0xDD);
+    r[4 + e] = _mm512_shuffle_f32x4(t[4 + e], t[12 + e], 0x88);
+    r[12 + e] = _mm512_shuffle_f32x4(t[4 + e], t[12 + e], 0xDD);
+  }
+}
+
 // One (batch element, head): rows out[t * ldo + d] (fp32) for t < T, d < hd.
 template <int HV>
 void head_attention(const char* base, int type, int64_t ld, int64_t T, int64_t D, int64_t hd, int64_t h, float* out,
@@ -24,27 +53,37 @@ void head_attention(const char* base, int type, int64_t ld, int64_t T, int64_t D
   constexpr int HP = HV * 16;
   const int es = elem_size(type);
   const int64_t Tp = round_up(T, 64);
-  sc.kt.assign(hd * Tp, 0.f);
-  sc.v.assign(T * HP, 0.f);
+  sc.kt.resize(HP * Tp);
+  sc.v.resize(T * HP);
   sc.q.resize(R * HP);
   sc.s.resize(R * Tp);
   const float scale = 1.0f / std::sqrt((float)hd);
-  float tmp[HP];
+  float* __restrict kt = sc.kt.data();
+  float* __restrict vv = sc.v.data();
+  float* __restrict qq = sc.q.data();
+  float* __restrict ss = sc.s.data();
+  // V rows as fp32; K transposed (kt[d][j], keys past T zero) with 16 x 16 in-register transposes
   for (int64_t j = 0; j < T; ++j) {
     const char* row = base + j * ld * es;
+    for (int c = 0; c < HV; ++c)
+      _mm512_storeu_ps(vv + j * HP + c * 16, load_f(row + (2 * D + h * hd + c * 16) * es, type, tail_mask(hd - c * 16)));
+  }
+  for (int64_t j0 = 0; j0 < Tp; j0 += 16) {
     for (int c = 0; c < HV; ++c) {
+      __m512 blk[16];
       const __mmask16 mk = tail_mask(hd - c * 16);
-      _mm512_storeu_ps(tmp + c * 16, load_f(row + (D + h * hd + c * 16) * es, type, mk));
-      _mm512_storeu_ps(sc.v.data() + j * HP + c * 16, load_f(row + (2 * D + h * hd + c * 16) * es, type, mk));
+      for (int i = 0; i < 16; ++i)
+        blk[i] = j0 + i < T ? load_f(base + ((j0 + i) * ld + D + h * hd + c * 16) * es, type, mk) : _mm512_setzero_ps();
+      transpose16(blk);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (c * 16 + i) * Tp + j0, blk[i]);
     }
-    for (int64_t d = 0; d < hd; ++d) sc.kt[d * Tp + j] = tmp[d];
   }
   for (int64_t i0 = 0; i0 < T; i0 += R) {
     const int nr = (int)std::min<int64_t>(R, T - i0);
     for (int r = 0; r < nr; ++r) {
       const char* row = base + (i0 + r) * ld * es;
       for (int c = 0; c < HV; ++c)
-        _mm512_storeu_ps(sc.q.data() + r * HP + c * 16, load_f(row + (h * hd + c * 16) * es, type, tail_mask(hd - c * 16)));
+        _mm512_storeu_ps(qq + r * HP + c * 16, load_f(row + (h * hd + c * 16) * es, type, tail_mask(hd - c * 16)));
     }
     // scores: s[r][j] = (q_r . k_j) * scale, 64 keys at a time
     for (int64_t j0 = 0; j0 < Tp; j0 += 64) {
@@ -52,11 +91,11 @@ void head_attention(const char* base, int type, int64_t ld, int64_t T, int64_t D
       for (int r = 0; r < R; ++r)
         for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
       for (int64_t d = 0; d < hd; ++d) {
-        const float* kp = sc.kt.data() + d * Tp + j0;
+        const float* kp = kt + d * Tp + j0;
         const __m512 k0 = _mm512_loadu_ps(kp), k1 = _mm512_loadu_ps(kp + 16);
         const __m512 k2 = _mm512_loadu_ps(kp + 32), k3 = _mm512_loadu_ps(kp + 48);
         for (int r = 0; r < nr; ++r) {
-          const __m512 qv = _mm512_set1_ps(sc.q[r * HP + d]);
+          const __m512 qv = _mm512_set1_ps(qq[r * HP + d]);
           acc[r][0] = _mm512_fmadd_ps(qv, k0, acc[r][0]);
           acc[r][1] = _mm512_fmadd_ps(qv, k1, acc[r][1]);
           acc[r][2] = _mm512_fmadd_ps(qv, k2, acc[r][2]);
@@ -65,12 +104,12 @@ void head_attention(const char* base, int type, int64_t ld, int64_t T, int64_t D
       }
       const __m512 vs = _mm512_set1_ps(scale);
       for (int r = 0; r < nr; ++r)
-        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(sc.s.data() + r * Tp + j0 + c * 16, _mm512_mul_ps(acc[r][c], vs));
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(ss + r * Tp + j0 + c * 16, _mm512_mul_ps(acc[r][c], vs));
     }
     // softmax numerators and sums; the division is applied to the output row
     float inv_sum[R];
     for (int r = 0; r < nr; ++r) {
-      float* s = sc.s.data() + r * Tp;
+      float* s = ss + r * Tp;
       __m512 mx = _mm512_set1_ps(-INFINITY);
       for (int64_t j = 0; j < T; j += 16) mx = _mm512_mask_max_ps(mx, tail_mask(T - j), mx, _mm512_loadu_ps(s + j));
       const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
@@ -88,9 +127,9 @@ void head_attention(const char* base, int type, int64_t ld, int64_t T, int64_t D
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < HV; ++c) o[r][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < T; ++j) {
-      const float* vp = sc.v.data() + j * HP;
+      const float* vp = vv + j * HP;
       for (int r = 0; r < nr; ++r) {
-        const __m512 p = _mm512_set1_ps(sc.s[r * Tp + j]);
+        const __m512 p = _mm512_set1_ps(ss[r * Tp + j]);
         for (int c = 0; c < HV; ++c) o[r][c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vp + c * 16), o[r][c]);
       }
     }

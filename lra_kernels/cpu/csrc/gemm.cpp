@@ -20,6 +20,7 @@ namespace lra_cpu {
 
 static std::atomic<bool> g_use_amx{false};
 
+
 bool amx_compiled() { return LRA_HAVE_AMX; }
 
 bool amx_request_permission() {

@@ -15,6 +15,14 @@
 
 namespace lra_cpu {
 
+std::tuple<at::Tensor, at::Tensor> exit_head_op(const at::Tensor& h, const std::optional<at::Tensor>& ln_w,
+                                                const std::optional<at::Tensor>& ln_b, double eps,
+                                                const std::optional<at::Tensor>& proj, const at::Tensor& text_t,
+                                                double logit_scale, bool cls);
+at::Tensor gate_features_op(const at::Tensor& logits, const at::Tensor& h);
+void vec_matmul_rows(const float* a, int64_t lda, int64_t rows, const float* w, int64_t K, int64_t N, float* out,
+                     int64_t ldo);
+
 static int float_type(const at::Tensor& t, const char* what) {
   switch (t.scalar_type()) {
     case at::kFloat:
@@ -95,6 +103,43 @@ static std::tuple<at::Tensor, at::Tensor> quantize_op(const at::Tensor& x, const
         }
       }
       sc[m] = quantize_row(h.data(), K, Kp, q + m * Kp, fs);
+    }
+  });
+  return {codes, scale};
+}
+
+// The patch embedding's input without the im2col copy: images[B, C, H, W] -> one row per patch
+// (b, gy, gx), K = C * ph * pw in (channel, row, column) order -- conv1's weight layout -- quantized
+// per row as quantize() does.
+static std::tuple<at::Tensor, at::Tensor> quantize_patches_op(const at::Tensor& images, int64_t ph, int64_t pw) {
+  TORCH_CHECK(images.dim() == 4 && images.is_contiguous(), "quantize_patches: expected contiguous images[B, C, H, W]");
+  const int type = float_type(images, "quantize_patches: images");
+  const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
+  TORCH_CHECK(ph > 0 && pw > 0 && H % ph == 0 && W % pw == 0, "quantize_patches: ", H, "x", W,
+              " is not a multiple of the patch size ", ph, "x", pw);
+  const int64_t gh = H / ph, gw = W / pw, M = B * gh * gw, K = C * ph * pw;
+  at::Tensor codes = alloc_codes(M, K);
+  at::Tensor scale = at::empty({M}, at::TensorOptions().dtype(at::kFloat));
+  const int64_t Kp = codes.size(1);
+  const char* ip = (const char*)images.data_ptr();
+  uint8_t* q = codes.data_ptr<uint8_t>();
+  float* sc = scale.data_ptr<float>();
+  const int es = elem_size(type);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    std::vector<float> h(round_up(K, 16) + 16);
+    for (int64_t m = m0; m < m1; ++m) {
+      const int64_t b = m / (gh * gw), gy = (m / gw) % gh, gx = m % gw;
+      float* dst = h.data();
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t y = 0; y < ph; ++y) {
+          const char* src = ip + (((b * C + c) * H + gy * ph + y) * W + gx * pw) * es;
+          for (int64_t x = 0; x < pw; x += 16) {
+            const __mmask16 mk = tail_mask(pw - x);
+            _mm512_mask_storeu_ps(dst + x, mk, load_f(src + x * es, type, mk));
+          }
+          dst += pw;
+        }
+      sc[m] = quantize_row(h.data(), K, Kp, q + m * Kp, 0.f);
     }
   });
   return {codes, scale};
@@ -183,17 +228,8 @@ static at::Tensor rows_matmul_op(const at::Tensor& a_in, const at::Tensor& w_in,
   at::parallel_for(0, (B + R - 1) / R, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t b0 = g * R, nb = std::min<int64_t>(R, B - b0);
-      if (!w_nk) {  // vectorised over n; k in order
-        for (int64_t n = 0; n < N; n += 16) {
-          const __mmask16 mk = tail_mask(N - n);
-          __m512 acc[R];
-          for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-          for (int64_t k = 0; k < K; ++k) {
-            const __m512 wv = _mm512_maskz_loadu_ps(mk, wp + k * N + n);
-            for (int r = 0; r < nb; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(ap[(b0 + r) * K + k]), wv, acc[r]);
-          }
-          for (int r = 0; r < nb; ++r) _mm512_mask_storeu_ps(op + (b0 + r) * N + n, mk, acc[r]);
-        }
+      if (!w_nk) {  // vectorised over n; k in order; the rows of a group share every load of w
+        vec_matmul_rows(ap + b0 * K, K, nb, wp, K, N, op + b0 * N, N);
       } else {  // dot products of rows: 16 partial sums in k order, then one fixed reduction
         for (int64_t n = 0; n < N; ++n) {
           __m512 acc[R];
@@ -239,6 +275,11 @@ TORCH_LIBRARY(lra_cpu, m) {
         "-> Tensor[]",
         &lra_cpu::attention_op);
   m.def("rows_matmul(Tensor a, Tensor w, bool w_nk) -> Tensor", &lra_cpu::rows_matmul_op);
+  m.def("quantize_patches(Tensor images, int ph, int pw) -> (Tensor, Tensor)", &lra_cpu::quantize_patches_op);
+  m.def("exit_head(Tensor h, Tensor? ln_w, Tensor? ln_b, float eps, Tensor? proj, Tensor text_t, float logit_scale, "
+        "bool cls) -> (Tensor, Tensor)",
+        &lra_cpu::exit_head_op);
+  m.def("gate_features(Tensor logits, Tensor h) -> Tensor", &lra_cpu::gate_features_op);
   m.def("isa() -> str", &lra_cpu::isa_op);
   m.def("set_amx(bool on) -> bool", &lra_cpu::set_amx_op);
   m.def("amx_compiled() -> bool", &lra_cpu::amx_compiled_op);

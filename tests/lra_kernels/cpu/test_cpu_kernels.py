@@ -252,3 +252,45 @@ def test_cpu_backend_classify_is_batch_invariant(tower):
     for i in range(9):
         one = q.classify(x[i : i + 1])
         assert torch.equal(one.logits, res.logits[i : i + 1]) and torch.equal(one.exit_layer, res.exit_layer[i : i + 1])
+
+
+@pytest.mark.parametrize("pool", ["patch_mean", "cls"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_exit_head_and_gate_features_match_references(pool, dtype):
+    from lra_kernels.kernels.exit_head import exit_head_ref
+    from lra_kernels.kernels.gate_features import gate_features_ref
+
+    g = torch.Generator().manual_seed(9)
+    B, T, D, E, C = 13, 50, 96, 40, 37
+    h = (torch.randn(B, T, D, generator=g) + 3 * torch.randn(D, generator=g)).to(dtype)
+    ln_w, ln_b = torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g) * 0.1
+    proj = torch.randn(D, E, generator=g) / D**0.5
+    text = F.normalize(torch.randn(C, E, generator=g), dim=-1)
+    logits, z = co.exit_head(h, ln_w, ln_b, 1e-5, proj, text, 50.0, pool)
+    ref_l, ref_z = exit_head_ref(h, ln_w, ln_b, 1e-5, proj, text, 50.0, pool)
+    torch.testing.assert_close(z, ref_z, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, ref_l, atol=1e-3, rtol=1e-4)
+    feats = co.gate_features(logits, h)
+    torch.testing.assert_close(feats, gate_features_ref(logits, h), atol=1e-5, rtol=1e-4)
+    h2 = h.clone()
+    h2[4, 7, 3] = float("nan")
+    l2 = logits.clone()
+    l2[9, 0] = float("inf")
+    f2 = co.gate_features(l2, h2)
+    assert torch.isnan(f2[[4, 9]]).all() and torch.isfinite(f2[[0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12]]).all()
+    for rows in (slice(0, 1), slice(3, 9)):  # each row computed alone
+        lr, zr = co.exit_head(h[rows], ln_w, ln_b, 1e-5, proj, text, 50.0, pool)
+        assert torch.equal(lr, logits[rows]) and torch.equal(zr, z[rows])
+        assert torch.equal(co.gate_features(lr, h[rows]), feats[rows])
+
+
+@pytest.mark.parametrize("patch,size", [((32, 32), (64, 96)), ((14, 14), (28, 42)), ((8, 8), (32, 32))])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_patch_quantization_equals_im2col_then_quantize(patch, size, dtype):
+    x = torch.randn(3, 3, *size).to(dtype)
+    got = co.quantize_patches(x, patch)
+    (ph, pw), (H, W) = patch, size
+    cols = x.reshape(3, 3, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3 * ph * pw)
+    q, s = quantize_per_token_ref(cols)
+    torch.testing.assert_close(got.int8(), q, atol=0, rtol=0)
+    torch.testing.assert_close(got.scale, s, atol=0, rtol=0)

@@ -78,15 +78,6 @@ def quantize(x: torch.Tensor, *, ln=None, smooth: torch.Tensor | None = None, st
     return QAct(codes, scale, int(x.shape[-1]))
 
 
-def quantize_patches(images: torch.Tensor, patch_size: tuple[int, int]) -> QAct:
-    """``images[B, C, H, W]`` -> per-patch codes (rows ``(b, gy, gx)``, columns ``(c, y, x)``), as
-    ``quantize`` of the im2col matrix, without building that matrix."""
-    ph, pw = patch_size
-    images = images.contiguous()
-    codes, scale = _ops().quantize_patches(images, int(ph), int(pw))
-    return QAct(codes, scale, int(images.shape[1]) * int(ph) * int(pw))
-
-
 def _gemm(a: QAct, w: PackedWeight, w_scale, bias, activation, residual, kind, out_dtype=torch.float32,
           smooth=None, static_scale=None, ln=None):
     if a.K != w.K:

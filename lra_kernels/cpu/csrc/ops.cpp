@@ -108,43 +108,6 @@ static std::tuple<at::Tensor, at::Tensor> quantize_op(const at::Tensor& x, const
   return {codes, scale};
 }
 
-// The patch embedding's input without the im2col copy: images[B, C, H, W] -> one row per patch
-// (b, gy, gx), K = C * ph * pw in (channel, row, column) order -- conv1's weight layout -- quantized
-// per row as quantize() does.
-static std::tuple<at::Tensor, at::Tensor> quantize_patches_op(const at::Tensor& images, int64_t ph, int64_t pw) {
-  TORCH_CHECK(images.dim() == 4 && images.is_contiguous(), "quantize_patches: expected contiguous images[B, C, H, W]");
-  const int type = float_type(images, "quantize_patches: images");
-  const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
-  TORCH_CHECK(ph > 0 && pw > 0 && H % ph == 0 && W % pw == 0, "quantize_patches: ", H, "x", W,
-              " is not a multiple of the patch size ", ph, "x", pw);
-  const int64_t gh = H / ph, gw = W / pw, M = B * gh * gw, K = C * ph * pw;
-  at::Tensor codes = alloc_codes(M, K);
-  at::Tensor scale = at::empty({M}, at::TensorOptions().dtype(at::kFloat));
-  const int64_t Kp = codes.size(1);
-  const char* ip = (const char*)images.data_ptr();
-  uint8_t* q = codes.data_ptr<uint8_t>();
-  float* sc = scale.data_ptr<float>();
-  const int es = elem_size(type);
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    std::vector<float> h(round_up(K, 16) + 16);
-    for (int64_t m = m0; m < m1; ++m) {
-      const int64_t b = m / (gh * gw), gy = (m / gw) % gh, gx = m % gw;
-      float* dst = h.data();
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t y = 0; y < ph; ++y) {
-          const char* src = ip + (((b * C + c) * H + gy * ph + y) * W + gx * pw) * es;
-          for (int64_t x = 0; x < pw; x += 16) {
-            const __mmask16 mk = tail_mask(pw - x);
-            _mm512_mask_storeu_ps(dst + x, mk, load_f(src + x * es, type, mk));
-          }
-          dst += pw;
-        }
-      sc[m] = quantize_row(h.data(), K, Kp, q + m * Kp, 0.f);
-    }
-  });
-  return {codes, scale};
-}
-
 static std::vector<at::Tensor> gemm_op(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& packed,
                                        const at::Tensor& colsum, int64_t N, int64_t K, const at::Tensor& w_scale,
                                        const std::optional<at::Tensor>& bias, int64_t act,
@@ -275,7 +238,6 @@ TORCH_LIBRARY(lra_cpu, m) {
         "-> Tensor[]",
         &lra_cpu::attention_op);
   m.def("rows_matmul(Tensor a, Tensor w, bool w_nk) -> Tensor", &lra_cpu::rows_matmul_op);
-  m.def("quantize_patches(Tensor images, int ph, int pw) -> (Tensor, Tensor)", &lra_cpu::quantize_patches_op);
   m.def("exit_head(Tensor h, Tensor? ln_w, Tensor? ln_b, float eps, Tensor? proj, Tensor text_t, float logit_scale, "
         "bool cls) -> (Tensor, Tensor)",
         &lra_cpu::exit_head_op);

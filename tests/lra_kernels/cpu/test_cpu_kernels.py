@@ -283,14 +283,3 @@ def test_exit_head_and_gate_features_match_references(pool, dtype):
         assert torch.equal(lr, logits[rows]) and torch.equal(zr, z[rows])
         assert torch.equal(co.gate_features(lr, h[rows]), feats[rows])
 
-
-@pytest.mark.parametrize("patch,size", [((32, 32), (64, 96)), ((14, 14), (28, 42)), ((8, 8), (32, 32))])
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_patch_quantization_equals_im2col_then_quantize(patch, size, dtype):
-    x = torch.randn(3, 3, *size).to(dtype)
-    got = co.quantize_patches(x, patch)
-    (ph, pw), (H, W) = patch, size
-    cols = x.reshape(3, 3, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3 * ph * pw)
-    q, s = quantize_per_token_ref(cols)
-    torch.testing.assert_close(got.int8(), q, atol=0, rtol=0)
-    torch.testing.assert_close(got.scale, s, atol=0, rtol=0)

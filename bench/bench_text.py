@@ -64,7 +64,10 @@ def _provider(name, clip):
 
     q = QuantCLIP.from_open_clip(clip, tokenizer_name=MODEL)
     q.text.truncate_to_eot = name == "lra_int8"
-    fn = q.encode_text
+
+    def fn(t):
+        return q.encode_text(t)
+
     fn.info = {"backend": q.visual.resolved_backend, "act_dtype": str(q.text_act_dtype).replace("torch.", ""),
                "act_quant": q.quant_config.act_quant, "truncate_to_eot": q.text.truncate_to_eot,
                "chunk_tokens": q.text.chunk_tokens}

@@ -140,9 +140,10 @@ class QuantLinear(nn.Module):
 
 
 class QuantAttention(nn.Module):
-    """``in_proj`` (qkv) and ``out_proj`` of ``n_head``-head self-attention (the core is ``ops.attention``)."""
+    """``in_proj`` (qkv) and ``out_proj`` of ``n_head``-head self-attention (the core is ``ops.attention``;
+    ``causal``: each token attends to the tokens before it only, as in open_clip's text tower)."""
 
-    def __init__(self, in_proj: QuantLinear, out_proj: QuantLinear, n_head: int):
+    def __init__(self, in_proj: QuantLinear, out_proj: QuantLinear, n_head: int, causal: bool = False):
         super().__init__()
         width = out_proj.out_features
         if width % n_head:
@@ -152,12 +153,17 @@ class QuantAttention(nn.Module):
                              f"[{in_proj.out_features}, {in_proj.in_features}] and "
                              f"[{out_proj.out_features}, {out_proj.in_features}]")
         self.n_head = n_head
+        self.causal = bool(causal)
         self.in_proj = in_proj
         self.out_proj = out_proj
 
     @classmethod
-    def empty(cls, width: int, n_head: int, mode: str, bias: bool = True) -> QuantAttention:
-        return cls(QuantLinear(width, 3 * width, mode, bias=bias), QuantLinear(width, width, mode, bias=bias), n_head)
+    def empty(cls, width: int, n_head: int, mode: str, bias: bool = True, causal: bool = False) -> QuantAttention:
+        return cls(QuantLinear(width, 3 * width, mode, bias=bias), QuantLinear(width, width, mode, bias=bias), n_head,
+                   causal)
+
+    def extra_repr(self) -> str:
+        return f"n_head={self.n_head}" + (", causal=True" if self.causal else "")
 
 
 class QuantMLP(nn.Module):
@@ -202,9 +208,11 @@ class QuantBlock(nn.Module):
         mlp_mode: str,
         attn_bias: bool = True,
         smooth_proj: bool = False,
+        causal: bool = False,
     ) -> QuantBlock:
         """The structure of a block (zero weights), for a state dict to be loaded into."""
-        return cls(nn.LayerNorm(width, eps=eps), QuantAttention.empty(width, n_head, attn_mode, bias=attn_bias),
+        return cls(nn.LayerNorm(width, eps=eps), QuantAttention.empty(width, n_head, attn_mode, bias=attn_bias,
+                                                                      causal=causal),
                    nn.LayerNorm(width, eps=eps), QuantMLP.empty(width, hidden, activation, mlp_mode, smooth_proj))
 
     def _norm_linear(self, x, norm: nn.LayerNorm, linear: QuantLinear, ops, activation="none", out_dtype=None):
@@ -226,7 +234,7 @@ class QuantBlock(nn.Module):
         act = x.dtype
         x2 = x.reshape(B * T, D)
         qkv = self._norm_linear(x2, self.ln_1, self.attn.in_proj, ops, out_dtype=act)
-        a = ops.attention(qkv.view(B, T, 3 * D), self.attn.n_head).reshape(B * T, D)
+        a = ops.attention(qkv.view(B, T, 3 * D), self.attn.n_head, self.attn.causal).reshape(B * T, D)
         x2 = self.attn.out_proj(a, ops, residual=x2, out_dtype=act)
         h = self._norm_linear(x2, self.ln_2, self.mlp.c_fc, ops, self.mlp.activation, out_dtype=act)
         x2 = self.mlp.c_proj(h, ops, residual=x2, out_dtype=act)

@@ -139,10 +139,10 @@ class FloatBlockParams:
     eps: float
     activation: str
     c_proj_smooth_inv: torch.Tensor | None = None  # SmoothQuant factor applied at run time
-
+    causal: bool = False  # causal self-attention (open_clip's text tower)
 
     @classmethod
-    def from_block(cls, block: nn.Module) -> "FloatBlockParams":
+    def from_block(cls, block: nn.Module, causal: bool = False) -> "FloatBlockParams":
         width = block.ln_1.normalized_shape[0]
 
         def ln(m):
@@ -170,14 +170,14 @@ class FloatBlockParams:
                 if b[name] is not None:
                     b[name] = b[name] * gamma
         return cls(ln(block.ln_1), ln(block.ln_2), w, b, attn.num_heads, float(block.ln_1.eps),
-                   _activation_name(mlp.gelu))
+                   _activation_name(mlp.gelu), causal=causal)
 
     def to(self, device) -> "FloatBlockParams":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return FloatBlockParams(
             tuple(map(mv, self.ln_1)), tuple(map(mv, self.ln_2)),
             {k: mv(v) for k, v in self.w.items()}, {k: mv(v) for k, v in self.b.items()},
-            self.n_head, self.eps, self.activation, mv(self.c_proj_smooth_inv),
+            self.n_head, self.eps, self.activation, mv(self.c_proj_smooth_inv), self.causal,
         )
 
     def forward(self, x: torch.Tensor, observe=None) -> torch.Tensor:
@@ -191,7 +191,7 @@ class FloatBlockParams:
             return F.linear(h, self.w[name], self.b[name])
 
         h = F.layer_norm(x2, (D,), *self.ln_1, self.eps)
-        a = attention_ref(linear("in_proj", h).view(B, T, 3 * D), self.n_head).reshape(B * T, D)
+        a = attention_ref(linear("in_proj", h).view(B, T, 3 * D), self.n_head, self.causal).reshape(B * T, D)
         x2 = x2 + linear("out_proj", a)
         h = F.layer_norm(x2, (D,), *self.ln_2, self.eps)
         h = apply_activation(linear("c_fc", h), self.activation)
@@ -297,7 +297,7 @@ def smooth_block(p: FloatBlockParams, stats: dict[str, ActivationStats], alpha: 
         ln_1=(p.ln_1[0] / s["in_proj"], p.ln_1[1] / s["in_proj"]),
         ln_2=(p.ln_2[0] / s["c_fc"], p.ln_2[1] / s["c_fc"]),
         w=w, b=b, n_head=p.n_head, eps=p.eps, activation=p.activation,
-        c_proj_smooth_inv=1.0 / s["c_proj"],
+        c_proj_smooth_inv=1.0 / s["c_proj"], causal=p.causal,
     )
     return folded, s
 
@@ -321,7 +321,7 @@ def quantize_block(
               for name in GEMMS}
     return QuantBlock(
         _layer_norm(*p.ln_1, p.eps),
-        QuantAttention(linear["in_proj"], linear["out_proj"], p.n_head),
+        QuantAttention(linear["in_proj"], linear["out_proj"], p.n_head, causal=p.causal),
         _layer_norm(*p.ln_2, p.eps),
         QuantMLP(linear["c_fc"], linear["c_proj"], p.activation),
     )

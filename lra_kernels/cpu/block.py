@@ -63,7 +63,7 @@ def forward(block, x: torch.Tensor) -> torch.Tensor:
     attn, mlp = block.attn, block.mlp
     a = cpu.quantize(x2, ln=_ln(block.ln_1), static_scale=_static(attn.in_proj))
     qkv = cpu.gemm(a, packed(attn.in_proj), attn.in_proj.w_scale, attn.in_proj.bias, "none", None, act)
-    a = cpu.attention_quant(qkv, B, T, attn.n_head, static_scale=_static(attn.out_proj))
+    a = cpu.attention_quant(qkv, B, T, attn.n_head, static_scale=_static(attn.out_proj), causal=attn.causal)
     x2, a = cpu.gemm_ln_quant(a, packed(attn.out_proj), attn.out_proj.w_scale, attn.out_proj.bias, x2, act,
                               _ln(block.ln_2), static_scale=_static(mlp.c_fc))
     a = cpu.gemm_quant(a, packed(mlp.c_fc), mlp.c_fc.w_scale, mlp.c_fc.bias, mlp.activation,

@@ -113,14 +113,16 @@ def gemm_acc(a: QAct, w: PackedWeight) -> torch.Tensor:
     return _gemm(a, w, ones, None, "none", None, OUT_ACC)[0]
 
 
-def attention(qkv: torch.Tensor, B: int, T: int, heads: int, out_dtype=torch.float32) -> torch.Tensor:
-    """``attention_ref(qkv.view(B, T, 3D), heads)`` as ``[B * T, D]`` (fp32 inside)."""
-    return _ops().attention(qkv, B, T, heads, OUT_FLOAT, out_dtype, 0.0)[0]
+def attention(qkv: torch.Tensor, B: int, T: int, heads: int, out_dtype=torch.float32, causal: bool = False
+              ) -> torch.Tensor:
+    """``attention_ref(qkv.view(B, T, 3D), heads, causal)`` as ``[B * T, D]`` (fp32 inside)."""
+    return _ops().attention(qkv, B, T, heads, OUT_FLOAT, out_dtype, 0.0, bool(causal))[0]
 
 
-def attention_quant(qkv: torch.Tensor, B: int, T: int, heads: int, static_scale=None) -> QAct:
+def attention_quant(qkv: torch.Tensor, B: int, T: int, heads: int, static_scale=None, causal: bool = False) -> QAct:
     """The attention output quantized per token (or with ``static_scale``) for ``out_proj``."""
-    codes, scale = _ops().attention(qkv, B, T, heads, OUT_QUANT, torch.float32, _scale_arg(static_scale))
+    codes, scale = _ops().attention(qkv, B, T, heads, OUT_QUANT, torch.float32, _scale_arg(static_scale),
+                                    bool(causal))
     return QAct(codes, scale, qkv.shape[1] // 3)
 
 

@@ -59,9 +59,10 @@ class Int8Gemm(Protocol):
 
 
 class Attention(Protocol):
-    """``qkv[B, T, 3D]`` -> ``[B, T, D]``, multi-head softmax attention in ``qkv``'s dtype."""
+    """``qkv[B, T, 3D]`` -> ``[B, T, D]``, multi-head softmax attention in ``qkv``'s dtype (``causal``: token t
+    attends to tokens 0..t only)."""
 
-    def __call__(self, qkv: Tensor, n_head: int) -> Tensor: ...
+    def __call__(self, qkv: Tensor, n_head: int, causal: bool = False) -> Tensor: ...
 
 
 class ExitHead(Protocol):

@@ -48,7 +48,7 @@ inline void transpose16(__m512 r[16]) {
 // One (batch element, head): rows out[t * ldo + d] (fp32) for t < T, d < hd.
 template <int HV>
 void head_attention(const char* base, int type, int64_t ld, int64_t T, int64_t D, int64_t hd, int64_t h, float* out,
-                    int64_t ldo, HeadScratch& sc) {
+                    int64_t ldo, bool causal, HeadScratch& sc) {
   constexpr int R = HV >= 4 ? std::max(1, 16 / HV) : 4;
   constexpr int HP = HV * 16;
   const int es = elem_size(type);
@@ -80,13 +80,15 @@ void head_attention(const char* base, int type, int64_t ld, int64_t T, int64_t D
   }
   for (int64_t i0 = 0; i0 < T; i0 += R) {
     const int nr = (int)std::min<int64_t>(R, T - i0);
+    // keys this group of rows reads: all T, or (causal) up to its last row; row r itself stops at i0 + r
+    const int64_t Tg = causal ? i0 + nr : T;
     for (int r = 0; r < nr; ++r) {
       const char* row = base + (i0 + r) * ld * es;
       for (int c = 0; c < HV; ++c)
         _mm512_storeu_ps(qq + r * HP + c * 16, load_f(row + (h * hd + c * 16) * es, type, tail_mask(hd - c * 16)));
     }
     // scores: s[r][j] = (q_r . k_j) * scale, 64 keys at a time
-    for (int64_t j0 = 0; j0 < Tp; j0 += 64) {
+    for (int64_t j0 = 0; j0 < Tg; j0 += 64) {
       __m512 acc[R][4];
       for (int r = 0; r < R; ++r)
         for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -110,23 +112,25 @@ void head_attention(const char* base, int type, int64_t ld, int64_t T, int64_t D
     float inv_sum[R];
     for (int r = 0; r < nr; ++r) {
       float* s = ss + r * Tp;
+      const int64_t Tr = causal ? i0 + r + 1 : T;  // keys of this row; p = 0 for Tr <= j < Tg
       __m512 mx = _mm512_set1_ps(-INFINITY);
-      for (int64_t j = 0; j < T; j += 16) mx = _mm512_mask_max_ps(mx, tail_mask(T - j), mx, _mm512_loadu_ps(s + j));
+      for (int64_t j = 0; j < Tr; j += 16) mx = _mm512_mask_max_ps(mx, tail_mask(Tr - j), mx, _mm512_loadu_ps(s + j));
       const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
       __m512 sum = _mm512_setzero_ps();
-      for (int64_t j = 0; j < T; j += 16) {
-        const __mmask16 mk = tail_mask(T - j);
+      for (int64_t j = 0; j < Tr; j += 16) {
+        const __mmask16 mk = tail_mask(Tr - j);
         const __m512 p = _mm512_maskz_mov_ps(mk, Sleef_expf16_u10(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmax)));
         _mm512_storeu_ps(s + j, p);
         sum = _mm512_add_ps(sum, p);
       }
       inv_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
+      for (int64_t j = Tr; j < Tg; ++j) s[j] = 0.0f;
     }
     // out_r = sum_j p[r][j] v_j / sum_r
     __m512 o[R][HV];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < HV; ++c) o[r][c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < T; ++j) {
+    for (int64_t j = 0; j < Tg; ++j) {
       const float* vp = vv + j * HP;
       for (int r = 0; r < nr; ++r) {
         const __m512 p = _mm512_set1_ps(ss[r * Tp + j]);
@@ -141,7 +145,8 @@ void head_attention(const char* base, int type, int64_t ld, int64_t T, int64_t D
   }
 }
 
-using HeadFn = void (*)(const char*, int, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t, HeadScratch&);
+using HeadFn = void (*)(const char*, int, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t, bool,
+                       HeadScratch&);
 constexpr HeadFn kHeads[9] = {nullptr,         head_attention<1>, head_attention<2>, head_attention<3>, head_attention<4>,
                               head_attention<5>, head_attention<6>, head_attention<7>, head_attention<8>};
 
@@ -175,7 +180,7 @@ void store_row(const float* src, int64_t D, void* dst, int type) {
 }  // namespace
 
 std::vector<at::Tensor> attention_op(const at::Tensor& qkv, int64_t B, int64_t T, int64_t heads, int64_t kind,
-                                     at::ScalarType out_dtype, double static_scale) {
+                                     at::ScalarType out_dtype, double static_scale, bool causal) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(0) == B * T && qkv.size(1) % 3 == 0,
               "attention: expected qkv[B * T, 3D] with contiguous rows, got ", qkv.sizes());
   const int64_t D = qkv.size(1) / 3, M = B * T;
@@ -219,7 +224,8 @@ std::vector<at::Tensor> attention_op(const at::Tensor& qkv, int64_t B, int64_t T
       prefetch_rows(base + b0 * block_bytes, block_bytes);
       for (int64_t b = b0; b < b1; ++b) {
         if (b + 1 < b1) prefetch_rows(base + (b + 1) * block_bytes, block_bytes);
-        for (int64_t h = 0; h < heads; ++h) head(base + b * T * ld * es, type, ld, T, D, hd, h, rows.data(), D, sc);
+        for (int64_t h = 0; h < heads; ++h)
+          head(base + b * T * ld * es, type, ld, T, D, hd, h, rows.data(), D, causal, sc);
         for (int64_t t = 0; t < T; ++t) finish(b * T + t, rows.data() + t * D);
       }
     });
@@ -230,7 +236,7 @@ std::vector<at::Tensor> attention_op(const at::Tensor& qkv, int64_t B, int64_t T
       HeadScratch sc;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / heads, h = i % heads;
-        head(base + b * T * ld * es, type, ld, T, D, hd, h, rows.data() + b * T * D, D, sc);
+        head(base + b * T * ld * es, type, ld, T, D, hd, h, rows.data() + b * T * D, D, causal, sc);
       }
     });
     at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {

@@ -234,8 +234,8 @@ TORCH_LIBRARY(lra_cpu, m) {
         "int act, Tensor? residual, int kind, ScalarType out_dtype, Tensor? smooth, float static_scale, "
         "Tensor? ln_w, Tensor? ln_b, float eps) -> Tensor[]",
         &lra_cpu::gemm_op);
-  m.def("attention(Tensor qkv, int B, int T, int heads, int kind, ScalarType out_dtype, float static_scale) "
-        "-> Tensor[]",
+  m.def("attention(Tensor qkv, int B, int T, int heads, int kind, ScalarType out_dtype, float static_scale, "
+        "bool causal) -> Tensor[]",
         &lra_cpu::attention_op);
   m.def("rows_matmul(Tensor a, Tensor w, bool w_nk) -> Tensor", &lra_cpu::rows_matmul_op);
   m.def("exit_head(Tensor h, Tensor? ln_w, Tensor? ln_b, float eps, Tensor? proj, Tensor text_t, float logit_scale, "

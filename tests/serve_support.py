@@ -219,18 +219,17 @@ def reference_text_features(clip, names, templates=("{}",)) -> torch.Tensor:
 
 
 def early_exit_clip(corpus, label_agnostic: bool = False):
-    """``tiny_clip`` with its visual replaced by an INT8 ``QuantEarlyExitViT`` (the documented drop-in), the
-    classifier of ``CLASS_NAMES`` and a policy that spreads the corpus over every exit. ``label_agnostic``:
-    the gate reads the spatial variance only (zero weight on confidence and margin) and says so."""
-    clip = tiny_clip()
-    q = QuantEarlyExitViT.from_open_clip(clip.visual, compile_blocks=False)
+    """A ``QuantCLIP`` of ``tiny_clip`` (both towers INT8) with the classifier of ``CLASS_NAMES`` on its visual
+    and a policy that spreads the corpus over every exit. ``label_agnostic``: the gate reads the spatial
+    variance only (zero weight on confidence and margin) and says so."""
+    from lra_kernels import QuantCLIP
+
+    clip = QuantCLIP.from_open_clip(tiny_clip(), tokenizer_name="ViT-B-32")
+    q = clip.visual
+    q.compile_blocks = False
     q.set_classifier(reference_text_features(clip, CLASS_NAMES), float(clip.logit_scale.exp()), CLASS_NAMES)
     images = torch.stack([as_tensor(b) for _, b in corpus])
-    policy = spread_policy(q, images)
-    if label_agnostic:
-        policy = label_free_policy(q, images)
-    q.exit_policy = policy
-    clip.visual = q
+    q.exit_policy = label_free_policy(q, images) if label_agnostic else spread_policy(q, images)
     return clip
 
 

@@ -223,9 +223,7 @@ class ClipEngine:
             self.image: Engine = QuantEngine(clip.visual)
         else:
             self.image = OpenClipEngine(clip.visual, text_features, self.text_logit_scale, class_names)
-        if tokenizer is None:
-            tokenizer = clip.get_tokenizer() if hasattr(clip, "get_tokenizer") else _default_tokenizer(clip)
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(clip)
 
     # the image side, as the image engine
     image_size = property(lambda self: self.image.image_size)
@@ -302,7 +300,13 @@ class ClipEngine:
         return self
 
 
-def _default_tokenizer(clip):
+def _tokenizer_of(clip):
+    """The model's recorded tokenizer (``QuantCLIP.get_tokenizer``), else open_clip's default BPE tokenizer."""
+    if hasattr(clip, "get_tokenizer"):
+        try:
+            return clip.get_tokenizer()
+        except ValueError:  # no tokenizer name recorded with the model
+            pass
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer(context_length=int(getattr(clip, "context_length", 77) or 77))
@@ -339,6 +343,7 @@ def load_engine(source: ModelSource, device: str = "cpu", compile_blocks: bool |
     else:
         obj = source
     engine = as_engine(obj).to(device)
-    if compile_blocks is not None and isinstance(engine, QuantEngine):
-        engine.model.compile_blocks = compile_blocks
+    image = engine.image if isinstance(engine, ClipEngine) else engine
+    if compile_blocks is not None and isinstance(image, QuantEngine):
+        image.model.compile_blocks = compile_blocks
     return engine

@@ -106,14 +106,17 @@ def clip(corpus):
 
 
 @pytest.fixture(scope="module")
-def server(clip, corpus):
-    """The CLIP (INT8 early-exit visual, text tower) at ``/``, an image-only model at ``/image``."""
+def server(clip, corpus, tmp_path_factory):
+    """The saved QuantCLIP (INT8 early-exit visual, INT8 text tower) at ``/``, an image-only model at ``/image``."""
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
+    model_dir = clip.save(tmp_path_factory.mktemp("served") / "clip")
+    assert isinstance(engines.load_engine(model_dir), engines.ClipEngine)
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
     try:
-        app = deployment.build_app(engines.ClipEngine(clip), max_batch_size=8, batch_wait_ms=20, num_cpus=1)
+        app = deployment.build_app(str(model_dir), max_batch_size=8, batch_wait_ms=20, num_cpus=1,
+                                   compile_blocks=False)
         deployment.start(app, host="127.0.0.1", port=port)
         image_only = deployment.build_app(build_qvit(corpus), max_batch_size=4, num_cpus=1, name="ImageOnly")
         serve.run(image_only, name="image", route_prefix="/image")

@@ -151,3 +151,17 @@ def test_fp32_open_clip_serves_labels_at_full_depth(corpus):
 def test_engine_rejects_a_model_without_a_text_tower():
     with pytest.raises(TypeError, match="encode_text"):
         engines.ClipEngine(torch.nn.Linear(2, 2))
+
+
+def test_a_saved_quant_clip_directory_serves_as_a_clip_engine(clip, corpus, tmp_path):
+    path = clip.save(tmp_path / "clip")
+    engine = engines.load_engine(path, compile_blocks=False)
+    assert isinstance(engine, engines.ClipEngine) and isinstance(engine.image, engines.QuantEngine)
+    assert engine.image.model.compile_blocks is False
+    assert engine.describe()["text_tower"] is True and engine.describe()["early_exit"] is True
+    core, ref = serve_core.InferenceCore(engine), serve_core.InferenceCore(engines.ClipEngine(clip))
+    x = core.prepare(corpus[1][1])
+    for c in (core, ref):
+        c.answers = c.run_batch([("classify", x, c.labels.get(OTHER, TEMPLATES)), ("classify", x), ("embed", x)])
+    assert [r.body for r in core.answers] == [r.body for r in ref.answers]
+    assert engines.load_engine(path).describe()["model"].startswith("QuantCLIP")

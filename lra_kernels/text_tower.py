@@ -218,6 +218,8 @@ class QuantTextTower(Float32Storage):
         self.register_buffer("text_projection_bias", torch.zeros(arch.output_dim) if arch.proj_bias else None)
         # CPU: rows run in length-sorted chunks of about this many tokens (None: one pass)
         self.chunk_tokens: int | None = 4096
+        # run each row on its first eot + 1 positions only (False: the whole context, as open_clip; benchmarks)
+        self.truncate_to_eot = True
         self.requires_grad_(False)
         self.eval()
 
@@ -273,7 +275,8 @@ class QuantTextTower(Float32Storage):
         if B == 0:
             return out
         eot = text.argmax(dim=-1)
-        truncate = self.quant_config.act_quant != "paper"  # the paper's scheme quantizes the whole input at once
+        # the paper's scheme quantizes the whole input at once: it keeps the full context
+        truncate = self.truncate_to_eot and self.quant_config.act_quant != "paper"
         chunk = self.chunk_tokens if text.device.type == "cpu" else None
         for rows, length in chunk_plan(eot, chunk, self.arch.context_length, truncate):
             x = self.embed(text[rows, :length], act_dtype)

@@ -65,6 +65,10 @@ def plan_passes(engine, routes: list[str]) -> list[tuple]:
     return passes
 
 
+def _on_cpu(out: EngineOutput) -> EngineOutput:
+    return EngineOutput(*(None if t is None else t.cpu() for t in (out.logits, out.embeddings, out.exit_layer)))
+
+
 @dataclass
 class ItemResult:
     """One request's answer: an HTTP status and a JSON body."""
@@ -114,7 +118,8 @@ class InferenceCore:
         B = len(items)
         where: list[tuple[EngineOutput, int] | None] = [None] * B
         for fn, rows in plan_passes(engine, routes):
-            out = fn(images.index_select(0, torch.tensor(rows, device=images.device)))
+            x = images if len(rows) == B else images.index_select(0, torch.tensor(rows, device=images.device))
+            out = _on_cpu(fn(x))  # one copy per pass, not one per row
             for k, i in enumerate(rows):
                 where[i] = (out, k)
         results, layers = [], []

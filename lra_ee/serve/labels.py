@@ -32,7 +32,7 @@ MATCH_ATOL = 1e-5  # a request's rows within this of the stored classifier's are
 
 @dataclass(frozen=True, eq=False)
 class LabelSet:
-    """Labels of one request: ``features[C, D]`` (L2-normalised rows, on the model's device), their
+    """Labels of one request: ``features[C, D]`` (L2-normalised rows, on the CPU, where answers are scored), their
     logit scale, and ``stored``: True when they are the model's stored classifier (same rows, same scale)."""
 
     names: tuple[str, ...]
@@ -44,7 +44,7 @@ class LabelSet:
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Cosine logits ``logit_scale * normalize(embeddings) @ features.T`` (fp32, ``[B, C]``)."""
         z = F.normalize(embeddings.float(), dim=-1)
-        return self.logit_scale * (z @ self.features.to(z.device).t())
+        return self.logit_scale * (z @ self.features.to(z.device).t())  # no copy on the CPU
 
 
 def text_capable(engine) -> bool:
@@ -108,7 +108,7 @@ class LabelBank:
             self.hits += len(names) - sum(n not in found for n in names)
             self.misses += len(missing)
         if missing:
-            new = self.engine.text_features(missing, templates).detach().float()
+            new = self.engine.text_features(missing, templates).detach().float().cpu()
             if new.shape[0] != len(missing):
                 raise RuntimeError(f"the text tower gave {new.shape[0]} rows for {len(missing)} labels")
             with self._lock:
@@ -132,7 +132,7 @@ class LabelBank:
             return False
         if abs(float(self.engine.stored_logit_scale) - scale) > 1e-4 * max(1.0, abs(scale)):
             return False
-        return bool(torch.allclose(stored.float().cpu(), features.cpu(), atol=MATCH_ATOL, rtol=0))
+        return bool(torch.allclose(stored.float().cpu(), features, atol=MATCH_ATOL, rtol=0))
 
     def stats(self) -> dict:
         with self._lock:

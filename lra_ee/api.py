@@ -12,6 +12,7 @@ import torch
 
 from lra_kernels import ExitPolicy, QuantEarlyExitViT
 from lra_kernels.flops import flops_model
+from lra_kernels.names import GATE_FEATURES, N_FEATURES
 
 from . import controls as ctl
 from .data import images_of
@@ -53,6 +54,7 @@ def calibrate(
     model_name: str | None = None,
     pretrained: str | None = None,
     weights_seed: int | None = None,
+    gate_features: tuple[str, ...] | None = None,
 ) -> tuple[QuantEarlyExitViT, CalibrationReport]:
     """Quantize an open_clip tower and calibrate its exits on ``source`` (calibration images only).
 
@@ -64,8 +66,17 @@ def calibrate(
     ``ExitPolicy`` and classifier set, and the report (QIRC curve under ``report.qirc``). The policy
     records every image of ``source`` (by content) and, when given, the open_clip model name and
     pretrained tag: ``evaluate_model`` then leaves those images out and checks the FP32 reference.
+    ``gate_features``: the gate's features by name (default all of ``GATE_FEATURES``); a gate of
+    label-free features only (``("spatial_variance",)``) is marked ``label_agnostic`` in the policy's
+    meta, so a server applies it to per-request label sets (docs/serving.md).
     """
     check_scheme(scheme)
+    feature_idx = tuple(range(N_FEATURES))
+    if gate_features is not None:
+        unknown = [f for f in gate_features if f not in GATE_FEATURES]
+        if unknown or not gate_features:
+            raise ValueError(f"gate_features must be a non-empty subset of {GATE_FEATURES}, got {gate_features}")
+        feature_idx = tuple(sorted({GATE_FEATURES.index(f) for f in gate_features}))
     n = len(source)
     n_q = min(n_quant_calib, n // 2)
     if n_q < 1 or n - n_q < 2:
@@ -85,7 +96,7 @@ def calibrate(
                                          desc="FP32 reference" if progress else None))
     policy, report = fit_policy(table, qirc.nsr_per_layer, scheme=scheme, arch=qvit.arch,
                                 num_classes=text_features.shape[0], exit_layers=exit_layers, alpha=alpha, tau0=tau0,
-                                flops_budget=flops_budget, target=target)
+                                flops_budget=flops_budget, target=target, features=feature_idx)
     report.qirc = qirc
     split = {"kind": "calibration source", "seed": seed, "n_quant_calib": n_q, "n_qirc": n_r,
              "qirc_images_also_train_gates": True}

@@ -284,7 +284,20 @@ def _evaluate(args: argparse.Namespace) -> int:
         res.model.save(out / "model")
     _print_summary(report)
     print(f"\nreport: {out / 'report.md'}, {out / 'report.json'}")
+    if getattr(args, "format", "lra-ee") == "clip_benchmark":
+        _write_clip_benchmark(args, report, out)
     return 0
+
+
+def _write_clip_benchmark(args: argparse.Namespace, report, out: Path) -> None:
+    from .clip_benchmark_format import write_clip_benchmark
+
+    source = getattr(report, "source_model", None) or {}
+    pretrained = args.pretrained or source.get("pretrained") or "unknown"
+    dataset = args.dataset_name or Path(args.data).resolve().name
+    paths = write_clip_benchmark(out / "clip_benchmark", report, dataset=dataset, model=report.model or "unknown",
+                                 pretrained=str(pretrained))
+    print(f"clip_benchmark results: {', '.join(str(p) for p in paths)} (merge with: clip_benchmark build FILES)")
 
 
 def _diagnose(args: argparse.Namespace) -> int:
@@ -390,6 +403,10 @@ def _add_evaluate(sub) -> None:
                         help="evaluate a saved model (--model-dir) or run calibration + evaluation + ablations")
     _common(ev, model_required=False)
     ev.add_argument("--model-dir", help="a model directory written by lra-ee calibrate")
+    ev.add_argument("--format", default="lra-ee", choices=("lra-ee", "clip_benchmark"),
+                    help="clip_benchmark: also write clip_benchmark result files (OUT/clip_benchmark/*.json, one per "
+                         "variant) that `clip_benchmark build` merges with its own runs")
+    ev.add_argument("--dataset-name", default=None, help="dataset name in those files (default: the --data folder's)")
     ev.set_defaults(func=_evaluate)
 
 

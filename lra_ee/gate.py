@@ -18,9 +18,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lra_kernels.names import N_FEATURES
+from lra_kernels.names import GATE_FEATURES, N_FEATURES
 
 NO_EXIT = 2.0  # the tau0 of "no early exit": thresholds above any gate probability
+# Gate features computed from the exit head's logits, i.e. from the classifier the policy was calibrated
+# on; the spatial variance of the patch tokens does not see the classifier.
+CLASSIFIER_FEATURES = ("confidence", "margin")
+LABEL_FREE_FEATURES = tuple(f for f in GATE_FEATURES if f not in CLASSIFIER_FEATURES)
+
+
+def uses_only_label_free_features(features) -> bool:
+    """Whether a gate over the feature indices ``features`` ignores the classifier (no confidence, no margin)."""
+    return all(GATE_FEATURES[i] in LABEL_FREE_FEATURES for i in features)
+
+
+def is_label_agnostic(policy) -> bool:
+    """Whether an ``ExitPolicy``'s exit decisions may be applied to label sets other than the one it was
+    calibrated on: its meta says ``label_agnostic`` (set by calibration only for a gate without the
+    classifier-dependent features) and its gates indeed give those features zero weight, so a sample's
+    exit layer does not depend on the classifier."""
+    if not policy.enabled or policy.meta.get("label_agnostic") is not True:
+        return False
+    cols = [GATE_FEATURES.index(f) for f in CLASSIFIER_FEATURES]
+    return bool((policy.weight[:, cols] == 0).all())
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from lra_kernels.policy import check_exit_layers
 
 from . import stats
 from .exits import ExitTable, simulate
-from .gate import NO_EXIT, GateFit, gate_scores, inr, thresholds, train_gate
+from .gate import NO_EXIT, GateFit, gate_scores, inr, thresholds, train_gate, uses_only_label_free_features
 from .results import CalibrationReport, EvalReport
 
 PAPER_EXITS = {"ViT-B-32": (8, 10, 11)}  # the paper's exits for ViT-B/32 (blocks run before each exit)
@@ -144,7 +144,10 @@ def fit_policy(
     taus, acc_ee, saving = evaluate_tau0(float(tau0))
     no_exit = float(tau0) > 1.0
     meta = {"scheme": scheme, "alpha": alpha, "tau0": float(tau0), "target": target_kind,
-            "features": [GATE_FEATURES[i] for i in features], "no_early_exit": no_exit}
+            "features": [GATE_FEATURES[i] for i in features], "no_early_exit": no_exit,
+            # exit decisions that do not read the classifier hold for any label set (the threshold was
+            # still chosen for this one's accuracy; docs/serving.md measures unseen label sets)
+            "label_agnostic": uses_only_label_free_features(features)}
     policy = _policy(fits, layers, taus, table.head, meta=meta)
     report = CalibrationReport(
         scheme=scheme, target=target_kind, n_calibration=table.n, candidate_layers=list(table.exit_layers),

@@ -108,19 +108,7 @@ def spread_policy(qvit, images, fractions=(0.25, 0.3, 0.4)) -> ExitPolicy:
     mean, std = res.features.mean(1), res.features.std(1).clamp_min(1e-6)
     L = len(EXITS)
     p = ExitPolicy(EXITS, torch.tensor([[4.0, 1.0, 0.0]] * L), torch.zeros(L), mean, std, torch.ones(L))
-    remaining = torch.ones(images.shape[0], dtype=torch.bool)
-    taus = []
-    for j, frac in enumerate(fractions):
-        scores = p.gate_scores(j, res.features[j])
-        cand = scores[remaining].sort(descending=True).values
-        k = max(1, round(frac * len(cand)))
-        while k < len(cand) and cand[k - 1] - cand[k] < 1e-4:
-            k += 1
-        tau = float(cand[k - 1] + cand[k]) / 2 if k < len(cand) else float(cand[-1]) - 1e-3
-        taus.append(tau)
-        remaining &= scores < tau
-    return p.with_thresholds(taus)
-
+    return spread_thresholds(p, qvit, images, fractions)
 
 
 def build_qvit(corpus):
@@ -186,6 +174,103 @@ def _free_port() -> int:
 
 def http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+# ---------------------------------------------------------------------- whole CLIP models (text tower)
+TEXT_LAYERS = 2
+
+
+def tiny_clip(seed: int = 3):
+    """A small open_clip ``CLIP`` (the served tower's architecture, a 2-block text tower, open_clip's
+    tokenizer) with seeded random weights, biases and LayerNorms randomised as ``make_tower`` does."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    clip = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=CLIPVisionCfg(layers=DEPTH, width=64, head_width=16, patch_size=8, image_size=32),
+        text_cfg=CLIPTextCfg(context_length=77, width=64, heads=4, layers=TEXT_LAYERS),
+    )
+    with torch.no_grad():
+        for name, p in clip.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or name.startswith(("ln_", "visual.ln_")):
+                p.add_(0.1 * torch.randn_like(p))
+    clip.visual.preprocess_cfg = dict(PREPROCESS)
+    return clip.eval().requires_grad_(False)
+
+
+def reference_text_features(clip, names, templates=("{}",)) -> torch.Tensor:
+    """Zero-shot rows written out from open_clip's own calls (the oracle for the served label sets)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = SimpleTokenizer(context_length=77)
+    rows = []
+    with torch.no_grad():
+        for name in names:
+            e = F.normalize(clip.encode_text(tok([t.format(name) for t in templates])).float(), dim=-1)
+            rows.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(rows)
+
+
+def early_exit_clip(corpus, label_agnostic: bool = False):
+    """A ``QuantCLIP`` of ``tiny_clip`` (both towers INT8) with the classifier of ``CLASS_NAMES`` on its visual
+    and a policy that spreads the corpus over every exit. ``label_agnostic``: the gate reads the spatial
+    variance only (zero weight on confidence and margin) and says so."""
+    from lra_kernels import QuantCLIP
+
+    clip = QuantCLIP.from_open_clip(tiny_clip(), tokenizer_name="ViT-B-32")
+    q = clip.visual
+    q.compile_blocks = False
+    q.set_classifier(reference_text_features(clip, CLASS_NAMES), float(clip.logit_scale.exp()), CLASS_NAMES)
+    images = torch.stack([as_tensor(b) for _, b in corpus])
+    q.exit_policy = label_free_policy(q, images) if label_agnostic else spread_policy(q, images)
+    return clip
+
+
+def label_free_policy(qvit, images, fractions=(0.25, 0.3, 0.4)) -> ExitPolicy:
+    """As ``spread_policy``, with a gate over the spatial variance alone, marked ``label_agnostic``."""
+    import dataclasses
+
+    p = spread_policy(qvit, images, fractions)
+    w = torch.zeros_like(p.weight)
+    w[:, 2] = 1.0
+    p = dataclasses.replace(p, weight=w, meta={"label_agnostic": True})
+    return spread_thresholds(p, qvit, images, fractions)
+
+
+def spread_thresholds(policy: ExitPolicy, qvit, images, fractions) -> ExitPolicy:
+    """``policy`` with thresholds between two neighbouring gate scores, so that about ``fractions[j]`` of the
+    rows still running leave at exit j and no score sits on a threshold."""
+    res = qvit.all_exits(images, policy.exit_layers)
+    remaining = torch.ones(images.shape[0], dtype=torch.bool)
+    taus = []
+    for j, frac in enumerate(fractions):
+        scores = policy.gate_scores(j, res.features[j])
+        cand = scores[remaining].sort(descending=True).values
+        k = max(1, round(frac * len(cand)))
+        while k < len(cand) and cand[k - 1] - cand[k] < 1e-4:
+            k += 1
+        tau = float(cand[k - 1] + cand[k]) / 2 if k < len(cand) else float(cand[-1]) - 1e-3
+        taus.append(tau)
+        remaining &= scores < tau
+    return policy.with_thresholds(taus)
+
+
+def b64(body: bytes) -> str:
+    import base64
+
+    return base64.b64encode(body).decode("ascii")
+
+
+def http_json(method: str, url: str, payload) -> tuple[int, dict]:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT) as resp:
             return resp.status, json.loads(resp.read())

@@ -4,10 +4,14 @@
     POST /classify   body: a JPEG/PNG/WebP file -> {"label", "name", "score", "top5", "exit_layer"}
     GET  /healthz    -> {"status": "ok", ...model and replica batching statistics}
 
+and JSON bodies: base64 images, several per request, per-request labels, ``POST /embed_text``.
+
 One module per responsibility:
 
 - ``decode``: request body -> preprocessed image (``BadImage`` -> HTTP 400);
-- ``engines``: the model seam (``QuantEngine``, ``OpenClipEngine``, ``load_engine``);
+- ``engines``: the model seam (``QuantEngine``, ``OpenClipEngine``, ``ClipEngine``, ``load_engine``);
+- ``labels``: per-request label sets (cached text embeddings, where their images may exit);
+- ``requests``: JSON request bodies (parsing, limits, answering them through the batches);
 - ``core``: the Ray-free inference core (``InferenceCore``: prepare one body, run a batch);
 - ``deployment``: the Ray Serve deployment (``ImageModelServer``, ``build_app``, ``app_builder``, ``start``);
 - ``cli``: the ``lra-ee serve`` command.
@@ -22,7 +26,10 @@ import importlib
 
 _EXPORTS = {
     "decode": ("BadImage", "IMAGE_FORMATS", "MAX_PIXELS", "build_transform", "decode_image", "preprocess_body"),
-    "engines": ("Engine", "EngineOutput", "ModelSource", "OpenClipEngine", "QuantEngine", "as_engine", "load_engine"),
+    "engines": ("ClipEngine", "Engine", "EngineOutput", "ModelSource", "OpenClipEngine", "QuantEngine", "as_engine",
+                "load_engine"),
+    "labels": ("LabelBank", "LabelSet", "label_route"),
+    "requests": ("BadRequest", "JSON_ROUTES", "MAX_IMAGES", "MAX_LABELS", "MAX_TEMPLATES", "MAX_TEXTS"),
     "core": ("ENDPOINTS", "TOP_K", "InferenceCore", "ItemResult"),
     "deployment": ("APP_NAME", "DEPLOYMENT_NAME", "INSTALL_HINT", "MAX_BODY_BYTES", "ImageModelServer", "app_builder",
                    "build_app", "start"),

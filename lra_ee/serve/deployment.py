@@ -4,6 +4,9 @@
     POST /classify   body: a JPEG/PNG/WebP file -> {"label", "name", "score", "top5", "exit_layer"}
     GET  /healthz    -> {"status": "ok", ...model and replica batching statistics}
 
+JSON bodies (base64 images, several images, per-request labels, ``POST /embed_text``) are parsed and
+answered by ``lra_ee.serve.requests``.
+
 Valid images are collected by ``@serve.batch`` (``max_batch_size``, ``batch_wait_timeout_s``) and,
 while the model is busy, everything that arrives meanwhile forms the next batch. Ray is imported
 here, lazily where it can be: this module imports, and ``build_app`` reports a clear error, without it.
@@ -22,9 +25,11 @@ from typing import Any
 
 import torch
 
-from .core import ENDPOINTS, InferenceCore, ItemResult
+from . import requests as json_requests
+from .core import InferenceCore, ItemResult
 from .decode import BadImage
 from .engines import ModelSource, load_engine
+from .labels import per_request_labels
 
 try:  # optional extra: pip install "lra-kernels[serve]"
     with warnings.catch_warnings():  # Ray's own pydantic-v1-style fields warn at import
@@ -179,7 +184,7 @@ class ImageModelServer:
         finally:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
-        tag = endpoint if endpoint in (*ENDPOINTS, "healthz") else "other"
+        tag = endpoint if endpoint in (*json_requests.JSON_ROUTES, "healthz") else "other"
         self.metrics.requests.inc(tags={"endpoint": tag, "status": str(result.status)})
         self.metrics.latency.observe((time.perf_counter() - start) * 1000.0, tags={"endpoint": tag})
         return JSONResponse(result.body, status_code=result.status)
@@ -190,20 +195,22 @@ class ImageModelServer:
             if method not in ("GET", "HEAD"):
                 return ItemResult(405, {"error": "use GET /healthz"})
             return ItemResult(200, self.health())
-        if endpoint not in ENDPOINTS:
+        if endpoint not in json_requests.JSON_ROUTES:
             return ItemResult(404, {"error": f"no endpoint {request.url.path!r}: POST /embed, POST /classify, "
-                                             f"GET /healthz"})
+                                             f"POST /embed_text, GET /healthz"})
         if method != "POST":
-            return ItemResult(405, {"error": f"use POST /{endpoint} with an image file as the body"})
-        if endpoint == "classify" and not self.core.has_classifier:
-            return ItemResult(400, {"error": "this model has no classifier (set_classifier was not called before "
-                                             "saving); use /embed"})
+            return ItemResult(405, {"error": f"use POST /{endpoint} with an image file or a JSON object as the body"})
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
             return ItemResult(413, {"error": f"body of {length} bytes exceeds {MAX_BODY_BYTES} bytes"})
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             return ItemResult(413, {"error": f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES} bytes"})
+        if endpoint == "embed_text" or json_requests.looks_like_json(request.headers.get("content-type"), body):
+            return await json_requests.answer(self, endpoint, body)
+        if endpoint == "classify" and not self.core.has_classifier:
+            return ItemResult(400, {"error": "this model has no classifier (set_classifier was not called before "
+                                             "saving): use /embed, or send JSON with \"labels\" to a CLIP model"})
         loop = asyncio.get_running_loop()
         try:
             image = await loop.run_in_executor(self._decode_pool, self.core.prepare, body)
@@ -219,6 +226,7 @@ class ImageModelServer:
             "depth": engine.depth,
             "image_size": list(engine.image_size),
             "num_classes": engine.num_classes,
+            "per_request_labels": per_request_labels(engine),
             "device": str(engine.device),
             "threads": self.threads,
             "max_batch_size": self.max_batch_size,

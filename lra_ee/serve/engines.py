@@ -2,8 +2,10 @@
 
 :class:`QuantEngine` serves a ``QuantEarlyExitViT``, :class:`OpenClipEngine` a plain FP32 open_clip
 ``visual`` with an optional zero-shot classifier, so the same server code serves both (the
-benchmark compares them). ``load_engine`` builds the one a replica serves from a model directory,
-a model, an engine, or a callable returning one of those.
+benchmark compares them). :class:`ClipEngine` serves a whole CLIP (a ``QuantCLIP``, or an open_clip
+``CLIP``): the engine of its image tower plus its text tower, for per-request labels and ``/embed_text``.
+``load_engine`` builds the one a replica serves from a model directory, a model, an engine, or a
+callable returning one of those.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lra_kernels import QuantEarlyExitViT
+from lra_kernels import ExitPolicy, QuantEarlyExitViT
+
+try:  # the whole CLIP (INT8 image and text towers)
+    from lra_kernels.clip import QuantCLIP, is_quant_clip_dir
+except ImportError:  # pragma: no cover - an lra_kernels without QuantCLIP serves image models only
+    QuantCLIP = None
+
+    def is_quant_clip_dir(path) -> bool:
+        return False
 
 
 @dataclass
@@ -188,34 +198,152 @@ class OpenClipEngine:
         return out
 
 
-Engine = Union[QuantEngine, OpenClipEngine]
+class ClipEngine:
+    """A whole CLIP behind the deployment: the image engine of ``clip.visual`` (a :class:`QuantEngine` for a
+    ``QuantEarlyExitViT``, else an :class:`OpenClipEngine`) and the text tower (``clip.encode_text``).
+
+    ``clip``: a ``QuantCLIP`` or an open_clip ``CLIP`` (anything with ``visual``, ``encode_text`` and a log
+    ``logit_scale``). The stored classifier is the visual tower's (``QuantEarlyExitViT.set_classifier``), or
+    ``text_features`` for an FP32 tower. ``text_features(names, templates)`` gives the zero-shot rows of
+    per-request labels, through ``clip.zero_shot_classifier`` where the model has one.
+    """
+
+    has_text = True
+
+    def __init__(self, clip: nn.Module, tokenizer: Callable | None = None, text_features: torch.Tensor | None = None,
+                 class_names: list[str] | None = None):
+        for attr in ("visual", "encode_text", "logit_scale"):
+            if not hasattr(clip, attr):
+                raise TypeError(f"ClipEngine wraps a CLIP with .visual, .encode_text and .logit_scale; "
+                                f"a {type(clip).__name__} lacks .{attr}")
+        self.clip = clip.eval().requires_grad_(False)
+        if isinstance(clip.visual, QuantEarlyExitViT):
+            if text_features is not None:
+                clip.visual.set_classifier(text_features, self.text_logit_scale, class_names)
+            self.image: Engine = QuantEngine(clip.visual)
+        else:
+            self.image = OpenClipEngine(clip.visual, text_features, self.text_logit_scale, class_names)
+        self.tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(clip)
+
+    # the image side, as the image engine
+    image_size = property(lambda self: self.image.image_size)
+    preprocess_cfg = property(lambda self: self.image.preprocess_cfg)
+    class_names = property(lambda self: self.image.class_names)
+    num_classes = property(lambda self: self.image.num_classes)
+    depth = property(lambda self: self.image.depth)
+    device = property(lambda self: self.image.device)
+    classify_gives_embedding = property(lambda self: self.image.classify_gives_embedding)
+
+    def embed(self, images: torch.Tensor) -> EngineOutput:
+        return self.image.embed(images)
+
+    def classify(self, images: torch.Tensor) -> EngineOutput:
+        return self.image.classify(images)
+
+    @property
+    def exit_policy(self) -> ExitPolicy:
+        return self.image.model.exit_policy if isinstance(self.image, QuantEngine) else ExitPolicy.disabled()
+
+    @torch.no_grad()
+    def embed_full(self, images: torch.Tensor) -> EngineOutput:
+        """Full-depth embeddings (the model's own head; their direction is what zero-shot scoring reads)."""
+        if isinstance(self.image, QuantEngine) and self.image.model.early_exit_active:
+            res = self.image.model.classify(images, policy=ExitPolicy.disabled())
+            return EngineOutput(None, res.embeddings, res.exit_layer)
+        return self.image.embed(images)
+
+    @property
+    def stored_classifier(self) -> torch.Tensor | None:
+        if isinstance(self.image, QuantEngine):
+            return self.image.model.classifier
+        return self.image.text_features
+
+    @property
+    def stored_logit_scale(self) -> float:
+        return float(self.image.model.logit_scale if isinstance(self.image, QuantEngine) else self.image.logit_scale)
+
+    # the text side
+    @property
+    def text_logit_scale(self) -> float:
+        return float(torch.as_tensor(self.clip.logit_scale).detach().float().exp().reshape(-1)[0])
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.clip, "context_length", None) or getattr(self.tokenizer, "context_length", 77))
+
+    @property
+    def text_dim(self) -> int:
+        return int(getattr(self.clip, "output_dim", None) or self.clip.text_projection.shape[-1])
+
+    @torch.no_grad()
+    def text_features(self, names: list[str], templates=("{}",)) -> torch.Tensor:
+        """``[len(names), D]`` L2-normalised zero-shot rows: per name, the mean of its normalised prompt
+        embeddings (``template`` with ``{}`` replaced by the name), normalised."""
+        names, templates = list(names), tuple(templates)
+        if hasattr(self.clip, "zero_shot_classifier"):
+            rows = self.clip.zero_shot_classifier(names, templates, tokenizer=self.tokenizer)
+            return rows.detach().float()
+        prompts = [t.replace("{}", name) for name in names for t in templates]
+        tokens = self.tokenizer(prompts).to(self.device)
+        feats = torch.cat([self.clip.encode_text(chunk).float() for chunk in tokens.split(256)]) if prompts else \
+            torch.zeros(0, self.text_dim, device=self.device)
+        feats = F.normalize(feats, dim=-1).view(len(names), len(templates), -1).mean(1)
+        return F.normalize(feats, dim=-1)
+
+    def describe(self) -> dict:
+        return {**self.image.describe(), "model": f"{type(self.clip).__name__} ({self.image.describe()['model']})",
+                "text_tower": True, "context_length": self.context_length}
+
+    def to(self, device) -> "ClipEngine":
+        self.clip = self.clip.to(device)
+        self.image = self.image.to(device)
+        return self
+
+
+def _tokenizer_of(clip):
+    """The model's recorded tokenizer (``QuantCLIP.get_tokenizer``), else open_clip's default BPE tokenizer."""
+    if hasattr(clip, "get_tokenizer"):
+        try:
+            return clip.get_tokenizer()
+        except ValueError:  # no tokenizer name recorded with the model
+            pass
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=int(getattr(clip, "context_length", 77) or 77))
+
+
+Engine = Union[QuantEngine, OpenClipEngine, ClipEngine]
 # What a deployment serves: a saved model directory, an engine, a QuantEarlyExitViT, or a
 # no-argument callable returning one of those (built inside the replica).
 ModelSource = Union[str, Path, Engine, nn.Module, Callable[[], Any]]
 
 
 def as_engine(obj) -> Engine:
-    if isinstance(obj, (QuantEngine, OpenClipEngine)):
+    if isinstance(obj, (QuantEngine, OpenClipEngine, ClipEngine)):
         return obj
     if isinstance(obj, QuantEarlyExitViT):
         return QuantEngine(obj)
+    if isinstance(obj, nn.Module) and all(hasattr(obj, a) for a in ("visual", "encode_text", "logit_scale")):
+        return ClipEngine(obj)  # a QuantCLIP or an open_clip CLIP
     raise TypeError(
-        f"cannot serve a {type(obj).__name__}: expected a model directory, a QuantEarlyExitViT, "
-        "a QuantEngine/OpenClipEngine, or a callable returning one"
+        f"cannot serve a {type(obj).__name__}: expected a model directory, a QuantEarlyExitViT, a QuantCLIP, "
+        "an open_clip CLIP, a QuantEngine/OpenClipEngine/ClipEngine, or a callable returning one"
     )
 
 
 def load_engine(source: ModelSource, device: str = "cpu", compile_blocks: bool | None = None) -> Engine:
     """Build the engine a replica serves from ``source``, on ``device``."""
     if isinstance(source, (str, Path)):
-        obj = QuantEarlyExitViT.load(source, device=device)
-    elif isinstance(source, (QuantEngine, OpenClipEngine, nn.Module)):
+        obj = QuantCLIP.load(source, device=device) if is_quant_clip_dir(source) else \
+            QuantEarlyExitViT.load(source, device=device)
+    elif isinstance(source, (QuantEngine, OpenClipEngine, ClipEngine, nn.Module)):
         obj = source
     elif callable(source):
         obj = source()
     else:
         obj = source
     engine = as_engine(obj).to(device)
-    if compile_blocks is not None and isinstance(engine, QuantEngine):
-        engine.model.compile_blocks = compile_blocks
+    image = engine.image if isinstance(engine, ClipEngine) else engine
+    if compile_blocks is not None and isinstance(image, QuantEngine):
+        image.model.compile_blocks = compile_blocks
     return engine

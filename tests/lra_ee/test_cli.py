@@ -101,9 +101,16 @@ def test_calibrate_then_evaluate_model_dir(folder, tmp_path):
 
     ev_out = tmp_path / "ev"
     res = run_cli("evaluate", "--model-dir", str(out / "model"), "--data", str(folder), "--workers", "0",
-                  "--out", str(ev_out))
+                  "--out", str(ev_out), "--format", "clip_benchmark")
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads((ev_out / "report.json").read_text())
+    cb = {json.loads(p.read_text())["pretrained"]: json.loads(p.read_text())
+          for p in (ev_out / "clip_benchmark").glob("*.json")}
+    assert set(cb) == {"random lra-ee smoothquant int8", "random lra-ee smoothquant int8 early-exit"}, cb
+    ee = cb["random lra-ee smoothquant int8 early-exit"]
+    assert ee["dataset"] == "data" and ee["model"] == "ViT-S-32" and ee["task"] == "zeroshot_classification"
+    assert ee["metrics"]["acc1"] == r["acc_ee"] and ee["metrics"]["flops_saving"] == r["flops_saving"]
+    assert cb["random lra-ee smoothquant int8"]["metrics"] == {"acc1": r["acc_full"], "acc5": r["top5_full"]}
     broken_in_calibration = "ant/broken.jpg" in rec["files"]
     assert r["split_check"]["checked"] and r["split_check"]["n_excluded"] == 22
     assert r["n_eval"] == 43 - 22 - (0 if broken_in_calibration else 1)

@@ -155,3 +155,21 @@ def test_no_early_exit_is_a_possible_answer():
     np.testing.assert_allclose(thresholds(NO_EXIT, np.array([1.0, 4.0]), 1.0), [NO_EXIT, NO_EXIT])
     best_grid = max((s for s in rep.tau0_search if s["tau0"] <= 1), key=lambda s: s["acc"])
     assert best_grid["acc"] < 1.0, "no threshold of the old grid avoids the harmful exits"
+
+
+def test_only_a_gate_without_classifier_features_is_label_agnostic():
+    """A gate over the spatial variance alone is marked label_agnostic (and is_label_agnostic checks the weights);
+    one that reads confidence or margin is not, even when the fit happens to give them little weight."""
+    from lra_ee.gate import is_label_agnostic
+    from lra_kernels.config import VisionArch
+
+    arch = VisionArch((32, 32), (8, 8), 64, 4, 4, 256, "gelu", 32)
+    t = _table()
+    nsr = [0.0, 0.05, 0.1, 0.15, 0.2]
+    cases = {(2,): True, (0, 1, 2): False, (0, 2): False, (1,): False}
+    for features, agnostic in cases.items():
+        policy, _ = fit_policy(t, nsr, arch=arch, num_classes=5, exit_layers=(2, 3), features=features, tau0=0.5)
+        assert policy.meta["label_agnostic"] is agnostic, features
+        assert is_label_agnostic(policy) is agnostic, features
+        if agnostic:
+            assert (policy.weight[:, :2] == 0).all() and (policy.weight[:, 2] != 0).any()

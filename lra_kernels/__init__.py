@@ -8,6 +8,7 @@
 from .config import QuantConfig, VisionArch
 from .model import QuantEarlyExitViT
 from .policy import ExitPolicy
+from .validate import ModelLoadError
 
-__all__ = ["QuantEarlyExitViT", "ExitPolicy", "QuantConfig", "VisionArch"]
+__all__ = ["QuantEarlyExitViT", "ExitPolicy", "QuantConfig", "VisionArch", "ModelLoadError"]
 __version__ = "0.1.0"

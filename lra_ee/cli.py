@@ -17,7 +17,6 @@ its handler, listed once in ``COMMANDS``; a new command is one more of those (``
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -29,34 +28,12 @@ CLIError = UserError  # the name the commands raise
 
 # ---------------------------------------------------------------------- loading
 def load_clip(model: str, pretrained: str, device: str, seed: int = 0):
-    """``(clip, preprocess, tokenizer, weights_label)``; ``pretrained="random"`` gives seeded random weights."""
-    import open_clip
-    import torch
+    """``(clip, preprocess, tokenizer, weights_label)``; ``pretrained="random"`` gives seeded random weights.
+    Model ids as open_clip's (``hf-hub:org/name``, ``local-dir:/path``, a checkpoint file or folder): see
+    ``lra_ee.model_ids``."""
+    from .model_ids import load_clip as _load
 
-    if model not in open_clip.list_models():
-        raise UserError(f"unknown model {model!r}; see open_clip.list_models() (e.g. ViT-B-32, ViT-B-16, ViT-L-14)")
-    looks_like_path = (any(s in pretrained for s in ("/", "\\"))
-                       or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
-    if looks_like_path and not Path(pretrained).is_file():
-        raise UserError(f"checkpoint {pretrained} not found: pass --pretrained with an existing file, "
-                       f"or a tag such as 'openai'")
-    kwargs = {"pretrained": None if pretrained == "random" else pretrained, "device": device}
-    torch.manual_seed(seed)
-    root_level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.CRITICAL)  # open_clip logs its own failures; we print one line
-    try:
-        clip, _, preprocess = open_clip.create_model_and_transforms(model, **kwargs)
-    except Exception as err:  # offline hub, unknown tag, corrupt checkpoint
-        reason = str(err).splitlines()[0][:200]
-        raise UserError(
-            f"could not load weights {pretrained!r} for {model} ({reason}). Offline machines: fetch them once where "
-            f"the Hugging Face hub is reachable (open_clip caches them), or pass --pretrained /path/to/checkpoint"
-        ) from None
-    finally:
-        logging.getLogger().setLevel(root_level)
-    clip.eval()
-    label = "random-seeded" if pretrained == "random" else pretrained
-    return clip, preprocess, open_clip.get_tokenizer(model), label
+    return _load(model, pretrained, device, seed)
 
 
 def _source(path: str, preprocess, classnames, name, workers):
@@ -127,11 +104,29 @@ def _print_summary(r) -> None:
 
 
 # ---------------------------------------------------------------------- commands
+_AT_LEAST = {"batch_size": 1, "images": 1, "classes": 2, "quant_calib_images": 1, "qirc_images": 1, "workers": 0}
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """The count options a command has, each at least its minimum (else one UserError line)."""
+    for name, low in _AT_LEAST.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    seconds = getattr(args, "bench_seconds", None)
+    if seconds is not None and not seconds > 0:
+        raise UserError(f"--bench-seconds must be > 0, got {seconds}")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import format_summary, run_demo
 
-    report = run_demo(args.out, model=args.model, seed=args.seed, batch_size=args.batch_size,
-                      bench_seconds=args.bench_seconds, n_images=args.images, n_classes=args.classes)
+    _check_counts(args)
+    try:
+        report = run_demo(args.out, model=args.model, seed=args.seed, batch_size=args.batch_size,
+                          bench_seconds=args.bench_seconds, n_images=args.images, n_classes=args.classes)
+    except ValueError as err:  # too few images for the splits, more classes than images, ...
+        raise UserError(f"demo: {err}") from None
     print(format_summary(report))
     print(f"\nreport: {args.out}/report.md, {args.out}/report.json; model: {args.out}/model")
     return 0
@@ -152,6 +147,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .data import split_indices
     from .report import plot_qirc, write_json
 
+    _check_counts(args)
     cfg = _experiment_config(args)
     args.model = args.model or "ViT-B-32"
     clip, preprocess, tokenizer, weights = load_clip(args.model, args.pretrained, args.device, args.seed)
@@ -250,6 +246,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .provenance import source_model_record, with_meta
     from .report import write_report
 
+    _check_counts(args)
     if not args.data:
         raise UserError("evaluate needs --data DIR (an ImageFolder / ImageNet val directory)")
     out = Path(args.out)
@@ -258,9 +255,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         report = _evaluate_model_dir(args, names, out)
         write_report(out, report)
     else:
-        if not args.pretrained:
-            raise UserError("evaluate needs --model-dir DIR, or --pretrained (with --model) to calibrate and evaluate "
-                           "in one run")
+        if not args.pretrained and not (args.model or "").startswith(("hf-hub:", "local-dir:")):
+            raise UserError("evaluate needs --model-dir DIR, or --pretrained (with --model), or --model "
+                           "hf-hub:org/name / local-dir:DIR, to calibrate and evaluate in one run")
         cfg = _experiment_config(args)
         args.model = args.model or "ViT-B-32"
         clip, preprocess, tokenizer, weights = load_clip(args.model, args.pretrained, args.device, args.seed)
@@ -307,6 +304,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     from .qirc import diagnose, fp32_reference
     from .report import plot_qirc, write_json
     from .schemes import SCHEMES, quantize
+
+    _check_counts(args)
 
     args.model = args.model or "ViT-B-32"
     clip, preprocess, _, weights = load_clip(args.model, args.pretrained, args.device, args.seed)
@@ -466,17 +465,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings (an unreadable image skipped, ...) as one line each, without the source line."""
+    print(f"lra-ee: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*No pretrained weights loaded.*")
+    previous, warnings.showwarning = warnings.showwarning, _one_line_warning
+    from .data import DataError
+
     try:
         return args.func(args)
-    except UserError as err:
+    except (UserError, DataError) as err:  # DataError: images that cannot be used (all unreadable, too few)
         print(f"lra-ee: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("lra-ee: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

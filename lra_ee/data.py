@@ -209,7 +209,12 @@ def held_out(n_total: int, n_quant: int, n_qirc: int, seed: int = HOLD_OUT_SEED)
 def images_of(source, index, batch_size: int = 64) -> torch.Tensor:
     """The images at positions ``index`` of ``source``, as one tensor (unreadable ones left out)."""
     sub = source.subset(index)
-    return torch.cat([im for im, _, _ in sub.batches(batch_size)])
+    parts = [im for im, _, _ in sub.batches(batch_size)]
+    if not parts:
+        where = getattr(source, "root", getattr(source, "name", "the source"))
+        raise DataError(f"none of the {len(sub)} images asked for from {where} could be read "
+                        f"({getattr(sub, 'n_skipped', 0)} unreadable): expected JPEG/PNG/WebP/... image files")
+    return torch.cat(parts)
 
 
 def preprocess_from_cfg(preprocess_cfg: dict, image_size: tuple[int, int] | None = None) -> Callable:

@@ -15,11 +15,11 @@ from lra_kernels import ExitPolicy
 
 
 def random_tower(model_name: str = "ViT-B-32", seed: int = 0) -> nn.Module:
-    """An open_clip vision tower of ``model_name`` with seeded random weights (eval mode)."""
-    import open_clip
+    """An open_clip vision tower of ``model_name`` (a built-in name, ``hf-hub:org/name`` or ``local-dir:/path``)
+    with seeded random weights (eval mode)."""
+    from .model_ids import random_visual
 
-    torch.manual_seed(seed)
-    return open_clip.create_model(model_name, pretrained=None).visual.eval()
+    return random_visual(model_name, seed)
 
 
 @dataclass(frozen=True)

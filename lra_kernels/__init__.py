@@ -12,6 +12,7 @@ from .clip import QuantCLIP
 from .config import QuantConfig, VisionArch
 from .model import QuantEarlyExitViT
 from .policy import ExitPolicy
+from .validate import ModelLoadError
 
-__all__ = ["QuantEarlyExitViT", "QuantCLIP", "ExitPolicy", "QuantConfig", "VisionArch"]
+__all__ = ["QuantEarlyExitViT", "QuantCLIP", "ExitPolicy", "QuantConfig", "VisionArch", "ModelLoadError"]
 __version__ = "0.1.0"

@@ -25,6 +25,7 @@ from .hardware import act_dtype_name, parse_act_dtype, resolve_act_dtype
 from .policy import ExitPolicy, check_exit_layers
 from .serialization import read_model, save_model, split_state
 from .tower import QuantTransformer, TowerParts, check_images, empty_parts
+from .validate import ModelLoadError, spec_of
 
 
 class QuantEarlyExitViT(nn.Module):
@@ -128,13 +129,24 @@ class QuantEarlyExitViT(nn.Module):
         """Rebuild a model written by :meth:`save`; needs neither open_clip weights nor a download.
 
         ``backend`` / ``act_dtype``: None keeps what was saved."""
-        saved = read_model(path)
+        saved = read_model(path, cls._state_spec)  # validated first: every problem is one ModelLoadError
         model = cls(saved.arch, saved.quant_config, backend=backend or saved.backend,
                     act_dtype=act_dtype if act_dtype is not None else saved.act_dtype)
-        state, rest = split_state(saved, set(model.state_dict()), path)
-        model.load_state_dict(state, strict=True)
-        model.load_extra_state(rest, saved.extra)
+        try:
+            state, rest = split_state(saved, set(model.state_dict()), path)
+            model.load_state_dict(state, strict=True)
+            model.load_extra_state(rest, saved.extra)
+        except (ValueError, TypeError, RuntimeError, KeyError) as err:  # e.g. an exit policy or classifier rejected
+            raise ModelLoadError(f"{path}: {err}") from None
         return model.to(device).eval()
+
+    @classmethod
+    def _state_spec(cls, arch: VisionArch, quant_config: QuantConfig) -> dict:
+        """The state dict a model of ``arch`` has, as ``{name: (safetensors dtype, shape)}``, built on the meta
+        device (no weights allocated)."""
+        with torch.device("meta"):
+            parts = empty_parts(arch, quant_config)
+        return spec_of(cls(arch, quant_config, parts=parts).state_dict())
 
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Tensors and JSON for save(): exit policy and classifier."""

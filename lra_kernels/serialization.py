@@ -11,15 +11,33 @@ model's ``arch``, ``quant_config``, ``backend``, ``act_dtype_request`` and ``ext
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 
 from .config import QuantConfig, VisionArch
+from .validate import (
+    CONFIG_DIGEST_KEY,
+    DIGEST_KEY,
+    MAX_CONFIG_BYTES,
+    CheckedConfig,
+    ModelLoadError,
+    ModelNotFoundError,
+    check_against,
+    check_config,
+    check_values,
+    config_digest,
+    expected_extra,
+    load_tensors,
+    parse_json,
+    read_header,
+)
 
 FORMAT = "lra-kernels/quant-vit"
 FORMAT_VERSION = 2  # 2: INT8 weights as ``qweight[N, K]`` (version 1 stored ``qweight_t[K, N]``)
@@ -35,7 +53,6 @@ def save_model(model, path: str | Path, extra: dict[str, Any] | None = None) -> 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     extra_tensors, extra_json = model.extra_state() if hasattr(model, "extra_state") else ({}, {})
     tensors.update({k: v.detach().to("cpu").contiguous() for k, v in extra_tensors.items()})
-    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -45,27 +62,59 @@ def save_model(model, path: str | Path, extra: dict[str, Any] | None = None) -> 
         "act_dtype": model.act_dtype_request,
         "extra": {**extra_json, **(extra or {})},
     }
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    text = json.dumps(config, indent=2, sort_keys=True)
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                CONFIG_DIGEST_KEY: config_digest(json.loads(text))}
+    write_weights(tensors, path / WEIGHTS_FILE, metadata)
+    (path / CONFIG_FILE).write_text(text)
     return path
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    cfg_file = path / CONFIG_FILE
+def write_weights(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose metadata also records the SHA-256 of its data section (``DIGEST_KEY``),
+    so that loading detects a changed byte anywhere in the weights."""
+    blob = safetensors_bytes(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    data = memoryview(blob)[8 + n :]
+    header.setdefault("__metadata__", {})[DIGEST_KEY] = hashlib.sha256(data).hexdigest()
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors keeps the data 8-byte aligned
+    tmp = file.with_name(file.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        fh.write(data)
+    tmp.replace(file)
+
+
+def _config_file(path: Path) -> Path:
     if not path.is_dir():
-        raise FileNotFoundError(f"no model directory at {path} "
-                                f"(expected a directory written by QuantEarlyExitViT.save)")
+        raise ModelNotFoundError(f"no model directory at {path} "
+                                 f"(expected a directory written by QuantEarlyExitViT.save)")
+    cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a saved model: expected {CONFIG_FILE} and {WEIGHTS_FILE} inside it")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("format") != FORMAT:
-        raise ValueError(f"{cfg_file} is not a {FORMAT} config (format={cfg.get('format')!r})")
-    if int(cfg.get("format_version", -1)) > FORMAT_VERSION:
-        raise ValueError(
-            f"{cfg_file} has format_version {cfg['format_version']}, newer than this lra-kernels reads "
-            f"({FORMAT_VERSION}); upgrade lra-kernels"
-        )
-    return cfg
+        raise ModelNotFoundError(f"{path} is not a saved model: expected {CONFIG_FILE} and {WEIGHTS_FILE} inside it")
+    return cfg_file
+
+
+def read_checked_config(path: str | Path) -> CheckedConfig:
+    """``config.json`` of the model directory ``path``, validated; ``ModelLoadError`` saying what is wrong."""
+    cfg_file = _config_file(Path(path))
+    try:
+        size = cfg_file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ModelLoadError(f"{cfg_file} is {size} bytes, more than {MAX_CONFIG_BYTES}")
+        raw = cfg_file.read_bytes()
+    except OSError as err:
+        raise ModelLoadError(f"cannot read {cfg_file}: {err.strerror or err}") from None
+    return check_config(parse_json(raw, str(cfg_file)), str(cfg_file), FORMAT, FORMAT_VERSION)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """``config.json`` of ``path`` as a dict, after :func:`read_checked_config` validated it."""
+    read_checked_config(path)
+    return json.loads((Path(path) / CONFIG_FILE).read_text())
 
 
 def _upgrade_v1(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -91,15 +140,35 @@ class SavedModel:
     extra: dict[str, Any]  # the extra records' JSON (exit policy, classifier)
 
 
-def read_model(path: str | Path) -> SavedModel:
-    """Read ``path`` (written by :func:`save_model`); format 1 directories are upgraded on the fly."""
+StateSpec = Callable[[VisionArch, QuantConfig], Mapping[str, tuple[str, tuple[int, ...]]]]
+
+
+def _v1_names(spec: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {(k + "_t" if k.endswith(".qweight") else k): ((d, tuple(reversed(s))) if k.endswith(".qweight") else (d, s))
+            for k, (d, s) in spec.items()}
+
+
+def read_model(path: str | Path, state_spec: StateSpec | None = None) -> SavedModel:
+    """Read ``path`` (written by :func:`save_model`), validating it first (``lra_kernels.validate``).
+
+    ``state_spec(arch, quant_config)``: the model's state dict as ``{name: (safetensors dtype, shape)}``; with it
+    the weights file must hold exactly those tensors plus the extra records'. Format 1 directories are upgraded on
+    the fly. Every problem is a ``ModelLoadError``."""
     path = Path(path)
-    cfg = read_config(path)
-    tensors = load_file(str(path / WEIGHTS_FILE))
-    if int(cfg.get("format_version", 1)) < 2:
+    cfg = read_checked_config(path)
+    file = path / WEIGHTS_FILE
+    header = read_header(file, FORMAT, str(cfg.format_version), cfg.digest)
+    if state_spec is not None:
+        expected = dict(state_spec(cfg.arch, cfg.quant_config))
+        if cfg.format_version < 2:
+            expected = _v1_names(expected)
+        expected.update(expected_extra(cfg.extra, cfg.arch, header))
+        check_against(header, expected, file)
+    tensors = load_tensors(file)
+    check_values(tensors, file)
+    if cfg.format_version < 2:
         tensors = _upgrade_v1(tensors)
-    return SavedModel(VisionArch.from_dict(cfg["arch"]), QuantConfig.from_dict(cfg["quant"]),
-                      cfg.get("backend", "auto"), cfg.get("act_dtype", "float32"), tensors, cfg.get("extra", {}))
+    return SavedModel(cfg.arch, cfg.quant_config, cfg.backend, cfg.act_dtype, tensors, cfg.extra)
 
 
 def split_state(saved: SavedModel, own: set[str], path: str | Path) -> tuple[dict, dict]:
@@ -108,5 +177,5 @@ def split_state(saved: SavedModel, own: set[str], path: str | Path) -> tuple[dic
     missing = own - set(state)
     if missing:
         where = Path(path) / WEIGHTS_FILE
-        raise ValueError(f"{where} lacks tensors {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}")
+        raise ModelLoadError(f"{where} lacks tensors {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}")
     return state, {k: v for k, v in saved.tensors.items() if k not in own}

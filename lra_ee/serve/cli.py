@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import EXIT_USAGE, UserError
+from .http import READ_TIMEOUT_S, REQUEST_TIMEOUT_S
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -30,6 +31,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, default=64)
     serve.add_argument("--batch-wait-ms", type=float, default=5.0)
     serve.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    serve.add_argument("--read-timeout-s", type=float, default=READ_TIMEOUT_S,
+                       help="longest wait for the next chunk of a request body, then 408 (default: %(default)s)")
+    serve.add_argument("--request-timeout-s", type=float, default=REQUEST_TIMEOUT_S,
+                       help="longest a request may take in a replica, then 503 (default: %(default)s)")
     serve.set_defaults(func=serve_main)
     return serve
 
@@ -54,6 +59,9 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if not (args.batch_wait_ms >= 0) or args.batch_wait_ms > 60_000:
         raise UserError(f"--batch-wait-ms must lie in 0..60000, got {args.batch_wait_ms}")
+    for flag, value in (("--read-timeout-s", args.read_timeout_s), ("--request-timeout-s", args.request_timeout_s)):
+        if not 0 < value <= 3600:
+            raise UserError(f"{flag} must lie in (0, 3600], got {value}")
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must lie in 1..65535, got {args.port}")
     if args.device not in ("cpu", "cuda"):
@@ -102,6 +110,8 @@ def serve_main(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         num_cpus=checked["num_cpus"],
         num_gpus=checked["num_gpus"],
+        read_timeout_s=args.read_timeout_s,
+        request_timeout_s=args.request_timeout_s,
     )
     shutting_down = False
 
@@ -117,12 +127,12 @@ def serve_main(args: argparse.Namespace) -> int:
             ray.init(address=os.environ.get("RAY_ADDRESS"))  # a running cluster if RAY_ADDRESS is set
         # after ray.init, which installs a SIGTERM handler that aborts the driver
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        start(app, host=args.host, port=args.port)
+        start(app, host=args.host, port=args.port, request_timeout_s=args.request_timeout_s)
         info = engine.describe()
         what = "early exit at layers " + ",".join(map(str, info["exit_layers"])) if info["early_exit"] else "full depth"
         print(
             f"lra-ee serve: {checked['model_dir']} ({what}, {engine.num_classes or 'no'} classes) on "
-            f"http://{args.host}:{args.port}  [POST /embed, POST /classify, GET /healthz]; Ctrl-C stops",
+            f"http://{args.host}:{args.port}  [POST /embed, POST /classify, POST /embed_text, GET /healthz]; Ctrl-C stops",
             flush=True,
         )
         while True:

@@ -29,6 +29,7 @@ from . import requests as json_requests
 from .core import InferenceCore, ItemResult
 from .decode import BadImage
 from .engines import ModelSource, load_engine
+from .http import PROXY_TIMEOUT_MARGIN_S, READ_TIMEOUT_S, REQUEST_TIMEOUT_S, BodyError, json_response, read_body
 from .labels import per_request_labels
 
 try:  # optional extra: pip install "lra-kernels[serve]"
@@ -39,6 +40,9 @@ except ImportError:  # pragma: no cover - exercised where ray is missing
     _ray_serve = None
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# Request slots per replica beyond what batching needs: a slow or stalled upload holds one (for at most the
+# read timeout), so this many of them cannot keep good requests from a replica.
+SLOW_CLIENT_SLOTS = 64
 DEPLOYMENT_NAME = "LraEEServer"
 APP_NAME = "lra-ee"
 INSTALL_HINT = 'pip install "lra-kernels[serve]"  (or: pip install "ray[serve]")'
@@ -103,6 +107,8 @@ class ImageModelServer:
         batch_wait_ms: float = 5.0,
         device: str = "cpu",
         compile_blocks: bool | None = None,
+        read_timeout_s: float = READ_TIMEOUT_S,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ):
         import ray
 
@@ -112,6 +118,7 @@ class ImageModelServer:
         self.device = device
         self.core = InferenceCore(load_engine(source, device, compile_blocks))
         self.max_batch_size, self.batch_wait_ms = int(max_batch_size), float(batch_wait_ms)
+        self.read_timeout_s, self.request_timeout_s = float(read_timeout_s), float(request_timeout_s)
         self._infer.set_max_batch_size(self.max_batch_size)
         self._infer.set_batch_wait_timeout_s(self.batch_wait_ms / 1000.0)
         # One thread runs the model (the torch thread pool is not shared between callers); the
@@ -169,8 +176,6 @@ class ImageModelServer:
                     future.set_result(result)
 
     async def __call__(self, request):
-        from starlette.responses import JSONResponse
-
         start = time.perf_counter()
         path = request.url.path
         root = request.scope.get("root_path", "")
@@ -180,14 +185,20 @@ class ImageModelServer:
         self._in_flight += 1
         self.metrics.in_flight.set(self._in_flight)
         try:
-            result = await self._handle(request, endpoint)
+            result = await asyncio.wait_for(self._handle(request, endpoint), self.request_timeout_s)
+        except asyncio.TimeoutError:
+            result = ItemResult(503, {"error": f"the request took longer than {self.request_timeout_s:g} s "
+                                               f"(server busy); retry later"})
+        except Exception as err:  # a server bug: still one JSON answer, and the replica keeps serving
+            logging.getLogger("ray.serve").exception("request failed")
+            result = ItemResult(500, {"error": f"internal error: {type(err).__name__}: {err}"})
         finally:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
         tag = endpoint if endpoint in (*json_requests.JSON_ROUTES, "healthz") else "other"
         self.metrics.requests.inc(tags={"endpoint": tag, "status": str(result.status)})
         self.metrics.latency.observe((time.perf_counter() - start) * 1000.0, tags={"endpoint": tag})
-        return JSONResponse(result.body, status_code=result.status)
+        return json_response(result.status, result.body)
 
     async def _handle(self, request, endpoint: str) -> ItemResult:
         method = request.method.upper()
@@ -200,12 +211,10 @@ class ImageModelServer:
                                              f"POST /embed_text, GET /healthz"})
         if method != "POST":
             return ItemResult(405, {"error": f"use POST /{endpoint} with an image file or a JSON object as the body"})
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return ItemResult(413, {"error": f"body of {length} bytes exceeds {MAX_BODY_BYTES} bytes"})
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return ItemResult(413, {"error": f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES} bytes"})
+        try:  # streamed: 413 as soon as the limit is passed, 408 when the client stalls
+            body = await read_body(request, MAX_BODY_BYTES, self.read_timeout_s, self.request_timeout_s / 2)
+        except BodyError as err:
+            return ItemResult(err.status, {"error": str(err)})
         if endpoint == "embed_text" or json_requests.looks_like_json(request.headers.get("content-type"), body):
             return await json_requests.answer(self, endpoint, body)
         if endpoint == "classify" and not self.core.has_classifier:
@@ -254,6 +263,8 @@ def build_app(
     num_gpus: float | None = None,
     compile_blocks: bool | None = None,
     name: str = DEPLOYMENT_NAME,
+    read_timeout_s: float = READ_TIMEOUT_S,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
 ):
     """A Ray Serve application (``serve.run(build_app(...))``) serving ``source``.
 
@@ -269,13 +280,14 @@ def build_app(
     deployment = serve.deployment(ImageModelServer, name=name).options(
         num_replicas=replicas,
         ray_actor_options=actor_options,
-        # enough requests per replica to fill a batch while the previous one runs
-        max_ongoing_requests=2 * max_batch_size + 8,
+        # enough requests per replica to fill a batch while the previous one runs, and slots for slow clients
+        max_ongoing_requests=2 * max_batch_size + 8 + SLOW_CLIENT_SLOTS,
         max_constructor_retry_count=3,  # a model that fails to load fails fast
     )
     if isinstance(source, Path):
         source = str(source)
-    return deployment.bind(source, max_batch_size, batch_wait_ms, device, compile_blocks)
+    return deployment.bind(source, max_batch_size, batch_wait_ms, device, compile_blocks, read_timeout_s,
+                           request_timeout_s)
 
 
 def app_builder(args: dict):
@@ -303,8 +315,13 @@ def app_builder(args: dict):
     )
 
 
-def start(app, *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME, route_prefix: str = "/"):
-    """Start Serve's HTTP proxy on ``host:port`` (Ray must be initialised) and run ``app``; returns its handle."""
+def start(app, *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME, route_prefix: str = "/",
+          request_timeout_s: float = REQUEST_TIMEOUT_S):
+    """Start Serve's HTTP proxy on ``host:port`` (Ray must be initialised) and run ``app``; returns its handle.
+
+    The proxy's own request timeout lies ``PROXY_TIMEOUT_MARGIN_S`` beyond the replicas' (``request_timeout_s``),
+    so a slow request is answered by the replica in JSON, and the proxy's text answer is only a backstop."""
     _, serve = _require_ray()
-    serve.start(http_options={"host": host, "port": int(port)})
+    serve.start(http_options={"host": host, "port": int(port), "keep_alive_timeout_s": 5,
+                              "request_timeout_s": float(request_timeout_s) + PROXY_TIMEOUT_MARGIN_S})
     return serve.run(app, name=name, route_prefix=route_prefix)

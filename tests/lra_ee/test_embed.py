@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -310,6 +311,7 @@ def _main(capsys, *argv) -> tuple[int, str]:
 @pytest.mark.parametrize("case, message", [
     ("no-model", "is not a directory"),
     ("broken-model", "config.json"),
+    ("truncated-weights", "truncated"),
     ("no-data", "does not exist"),
     ("early-exit-without-policy", "--early-exit"),
     ("bad-batch", "--batch-size must be at least 1"),
@@ -322,6 +324,11 @@ def test_cli_errors_are_one_line_exit_2(capsys, tmp_path, collection, model_dir,
     elif case == "broken-model":
         (tmp_path / "broken").mkdir()
         model = str(tmp_path / "broken")
+    elif case == "truncated-weights":
+        shutil.copytree(model_dir, tmp_path / "cut")
+        blob = (tmp_path / "cut" / "model.safetensors").read_bytes()
+        (tmp_path / "cut" / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+        model = str(tmp_path / "cut")
     elif case == "no-data":
         data = str(tmp_path / "nothing")
     elif case == "early-exit-without-policy":

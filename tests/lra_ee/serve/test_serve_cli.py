@@ -3,6 +3,7 @@ command end to end in a subprocess (skipped without ``ray[serve]``)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 
 import pytest
@@ -39,6 +40,8 @@ def _serve_cli(capsys, *argv):
     [
         (["--model-dir", "/nonexistent/model"], "no model directory"),
         (["--model-dir", "{tmp}"], "not a saved model"),
+        (["--model-dir", "{truncated}"], "truncated"),
+        (["--model-dir", "{nan}"], "NaN"),
         (["--model-dir", "{model}", "--replicas", "0"], "--replicas"),
         (["--model-dir", "{model}", "--max-batch-size", "0"], "--max-batch-size"),
         (["--model-dir", "{model}", "--batch-wait-ms", "-1"], "--batch-wait-ms"),
@@ -46,7 +49,18 @@ def _serve_cli(capsys, *argv):
     ],
 )
 def test_serve_main_bad_arguments_exit_2_with_one_line(capsys, tmp_path, model_dir, argv, message):
-    argv = [a.format(tmp=tmp_path, model=model_dir) for a in argv]
+    truncated, nan = tmp_path / "truncated", tmp_path / "nan"
+    if "{truncated}" in argv or "{nan}" in argv:
+        from safetensors.torch import load_file, save_file
+
+        for d in (truncated, nan):
+            shutil.copytree(model_dir, d)
+        blob = (truncated / "model.safetensors").read_bytes()
+        (truncated / "model.safetensors").write_bytes(blob[: len(blob) - 100])
+        tensors = load_file(str(nan / "model.safetensors"))
+        tensors["ln_post.weight"][0] = float("nan")
+        save_file(tensors, str(nan / "model.safetensors"))
+    argv = [a.format(tmp=tmp_path, model=model_dir, truncated=truncated, nan=nan) for a in argv]
     code, err = _serve_cli(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()

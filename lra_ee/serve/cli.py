@@ -19,6 +19,7 @@ import torch
 
 from ..errors import EXIT_USAGE, UserError
 from .http import READ_TIMEOUT_S, REQUEST_TIMEOUT_S
+from .labels import text_capable
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -130,9 +131,10 @@ def serve_main(args: argparse.Namespace) -> int:
         start(app, host=args.host, port=args.port, request_timeout_s=args.request_timeout_s)
         info = engine.describe()
         what = "early exit at layers " + ",".join(map(str, info["exit_layers"])) if info["early_exit"] else "full depth"
+        routes = "POST /embed, POST /classify" + (", POST /embed_text" if text_capable(engine) else "")
         print(
             f"lra-ee serve: {checked['model_dir']} ({what}, {engine.num_classes or 'no'} classes) on "
-            f"http://{args.host}:{args.port}  [POST /embed, POST /classify, POST /embed_text, GET /healthz]; Ctrl-C stops",
+            f"http://{args.host}:{args.port}  [{routes}, GET /healthz]; Ctrl-C stops",
             flush=True,
         )
         while True:

@@ -23,31 +23,25 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
 from .backend import get_ops, resolve_backend
+from .clip_files import (  # noqa: F401  (is_quant_clip_dir and the names are public here)
+    CLIP_CONFIG_FILE,
+    CLIP_FORMAT,
+    CLIP_FORMAT_VERSION,
+    KIND,
+    TEXT_WEIGHTS_FILE,
+    is_quant_clip_dir,
+    read_clip_config,
+    read_text_weights,
+    write_text_weights,
+)
 from .config import QuantConfig
 from .hardware import resolve_act_dtype
 from .heads import normalise
 from .model import QuantEarlyExitViT
 from .text_tower import Float32Storage, QuantTextTower, TextArch, UnsupportedCLIP, arch_from_clip, check_tokens
-
-CLIP_FORMAT = "lra-kernels/quant-clip"
-CLIP_FORMAT_VERSION = 1
-CLIP_CONFIG_FILE = "clip.json"
-TEXT_WEIGHTS_FILE = "text.safetensors"
-KIND = "quant_clip"
-
-
-def is_quant_clip_dir(path) -> bool:
-    """True when ``path`` is a directory written by ``QuantCLIP.save`` (a ``clip.json`` of kind ``quant_clip``)."""
-    try:
-        cfg_file = Path(path) / CLIP_CONFIG_FILE
-        if not cfg_file.is_file():
-            return False
-        return json.loads(cfg_file.read_text()).get("kind") == KIND
-    except (OSError, ValueError, TypeError, AttributeError):
-        return False
+from .validate import ModelLoadError
 
 
 class QuantCLIP(Float32Storage):
@@ -206,8 +200,6 @@ class QuantCLIP(Float32Storage):
         tensors["logit_scale"] = self.logit_scale.detach().cpu().contiguous()
         if self.logit_bias is not None:
             tensors["logit_bias"] = self.logit_bias.detach().cpu().contiguous()
-        save_file(tensors, str(path / TEXT_WEIGHTS_FILE),
-                  metadata={"format": CLIP_FORMAT, "format_version": str(CLIP_FORMAT_VERSION)})
         config = {
             "format": CLIP_FORMAT,
             "format_version": CLIP_FORMAT_VERSION,
@@ -218,6 +210,7 @@ class QuantCLIP(Float32Storage):
             "text_chunk_tokens": self.text.chunk_tokens,
             "files": {"image": "config.json", "text": TEXT_WEIGHTS_FILE},
         }
+        write_text_weights(tensors, path, config)
         (path / CLIP_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         return path
 
@@ -227,30 +220,17 @@ class QuantCLIP(Float32Storage):
 
         ``backend``: None keeps what was saved."""
         path = Path(path)
-        if not is_quant_clip_dir(path):
-            raise FileNotFoundError(f"{path} is not a saved QuantCLIP: expected a directory with {CLIP_CONFIG_FILE} "
-                                    f"(kind {KIND!r}) written by QuantCLIP.save")
-        cfg = json.loads((path / CLIP_CONFIG_FILE).read_text())
-        if int(cfg.get("format_version", -1)) > CLIP_FORMAT_VERSION:
-            raise ValueError(f"{path / CLIP_CONFIG_FILE} has format_version {cfg['format_version']}, newer than this "
-                             f"lra-kernels reads ({CLIP_FORMAT_VERSION}); upgrade lra-kernels")
-        weights = path / TEXT_WEIGHTS_FILE
-        if not weights.is_file():
-            raise FileNotFoundError(f"{path} lacks {TEXT_WEIGHTS_FILE} (the text tower)")
-        try:
-            arch, config = TextArch.from_dict(cfg["text"]), QuantConfig.from_dict(cfg["quant"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path / CLIP_CONFIG_FILE} has an invalid text config: {err}") from None
+        cfg = read_clip_config(path)  # ModelLoadError for every way the directory can be wrong
         visual = QuantEarlyExitViT.load(path, device="cpu", backend=backend)
-        tensors = load_file(str(weights))
-        text = QuantTextTower(arch, config)
-        own = {f"text.{k}" for k in text.state_dict()}
-        missing = sorted(own - set(tensors))
-        if missing or "logit_scale" not in tensors:
-            raise ValueError(f"{weights} lacks tensors {(missing or ['logit_scale'])[:5]}")
-        text.load_state_dict({k[len("text."):]: v for k, v in tensors.items() if k in own}, strict=True)
-        text.chunk_tokens = cfg.get("text_chunk_tokens", text.chunk_tokens)
-        model = cls(visual, text, tensors["logit_scale"], tensors.get("logit_bias"), cfg.get("tokenizer_name"))
+        tensors = read_text_weights(path, cfg)
+        text = QuantTextTower(cfg.arch, cfg.quant_config)
+        text.load_state_dict({k[len("text."):]: v for k, v in tensors.items() if k.startswith("text.")}, strict=True)
+        if cfg.chunk_tokens is not None:
+            text.chunk_tokens = cfg.chunk_tokens
+        try:
+            model = cls(visual, text, tensors["logit_scale"], tensors.get("logit_bias"), cfg.tokenizer_name)
+        except (TypeError, ValueError) as err:  # the towers disagree (output_dim)
+            raise ModelLoadError(f"{path}: {err}") from None
         return model.to(device).eval()
 
     def extra_repr(self) -> str:

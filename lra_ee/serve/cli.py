@@ -25,7 +25,8 @@ from .labels import text_capable
 def add_parser(sub) -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a saved model directory over HTTP on Ray Serve (extra: serve)")
     serve.add_argument("--model-dir", required=True,
-                       help="directory written by QuantEarlyExitViT.save / lra-ee calibrate")
+                       help="directory written by QuantEarlyExitViT.save / lra-ee calibrate, or by QuantCLIP.save "
+                            "(then /classify also takes per-request labels and /embed_text answers)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--replicas", type=int, default=1)
@@ -50,10 +51,20 @@ def _check_port_free(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
-def _check_args(args: argparse.Namespace) -> dict[str, Any]:
+def _load_model(model_dir: Path):
+    """The model a replica will serve, loaded (and so validated) once here: a ``QuantCLIP`` directory whole (both
+    towers), else the image tower."""
     from lra_kernels import QuantEarlyExitViT
+    from lra_kernels.clip import QuantCLIP, is_quant_clip_dir
     from lra_kernels.serialization import read_config
 
+    if is_quant_clip_dir(model_dir):
+        return QuantCLIP.load(model_dir)
+    read_config(model_dir)
+    return QuantEarlyExitViT.load(model_dir)
+
+
+def _check_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.replicas < 1:
         raise UserError(f"--replicas must be >= 1, got {args.replicas}")
     if args.max_batch_size < 1:
@@ -69,8 +80,7 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--device must be cpu or cuda, got {args.device!r}")
     model_dir = Path(args.model_dir).expanduser().resolve()
     try:
-        read_config(model_dir)
-        model = QuantEarlyExitViT.load(model_dir)  # catches bad weights here, not in every replica
+        model = _load_model(model_dir)  # catches bad weights here, not in every replica
     except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as err:
         raise UserError(f"cannot load model from --model-dir {args.model_dir}: {err}") from None
     num_gpus = 0.0
@@ -89,7 +99,7 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
 def serve_main(args: argparse.Namespace) -> int:
     """``lra-ee serve``: serve ``--model-dir`` until Ctrl-C / SIGTERM. Exit 2 on bad arguments."""
     from .deployment import INSTALL_HINT, _ray_serve, build_app, start  # imports Ray: only when serving
-    from .engines import QuantEngine
+    from .engines import as_engine
 
     try:
         if _ray_serve is None:
@@ -101,7 +111,7 @@ def serve_main(args: argparse.Namespace) -> int:
     import ray
 
     model = checked.pop("model")
-    engine = QuantEngine(model)
+    engine = as_engine(model)  # a QuantEngine, or a ClipEngine for a QuantCLIP
     del model
     app = build_app(
         checked["model_dir"],

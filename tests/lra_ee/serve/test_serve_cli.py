@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from lra_ee.serve import deployment
-from serve_support import CLASS_NAMES, EXITS, _free_port, build_qvit, http, saved, valid_images
+from serve_support import CLASS_NAMES, EXITS, _free_port, build_qvit, early_exit_clip, http, saved, valid_images
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,27 @@ def test_serve_main_port_in_use(capsys, model_dir):
     if deployment._ray_serve is not None:
         assert "cannot listen" in err
 
+
+def test_serve_checks_a_quant_clip_directory_whole(capsys, corpus, tmp_path):
+    """A ``QuantCLIP`` directory is loaded with both towers before Ray starts: its engine answers labels, and a
+    corrupt text tower (which the image tower's loader never reads) is one line and exit 2."""
+    import argparse
+
+    from lra_ee.serve.cli import _check_args
+    from lra_ee.serve.engines import as_engine
+    from lra_ee.serve.labels import text_capable
+
+    path = early_exit_clip(corpus).save(tmp_path / "clip")
+    args = argparse.Namespace(model_dir=str(path), replicas=1, max_batch_size=4, batch_wait_ms=1.0, device="cpu",
+                              read_timeout_s=10.0, request_timeout_s=60.0, host="127.0.0.1", port=_free_port())
+    assert text_capable(as_engine(_check_args(args)["model"]))
+    text = path / "text.safetensors"
+    blob = text.read_bytes()
+    text.write_bytes(blob[: len(blob) // 2])
+    code, err = _serve_cli(capsys, "--model-dir", str(path), "--port", str(_free_port()))
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    if deployment._ray_serve is not None:
+        assert "text.safetensors" in err and "truncated" in err, err
 
 
 def test_lra_ee_serve_command_end_to_end(model_dir, tmp_path):

@@ -18,7 +18,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 
 namespace lra_cpu {
 
@@ -32,6 +34,27 @@ enum Act : int { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_QUICK_GELU =
 enum FloatType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// A zeroed scratch buffer whose rows start on cache lines. std::vector's storage is 16-byte aligned:
+// AMX tile stores of 64-byte rows into it then split every row over two lines (measured on a
+// Sapphire Rapids core: the GEMM ran at 1.0 instead of 1.5 TOPS).
+template <class T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {
+    const size_t bytes = static_cast<size_t>(round_up(n * static_cast<int64_t>(sizeof(T)), 64));
+    p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (!p_) throw std::bad_alloc();
+    std::memset(p_, 0, bytes);
+  }
+  ~Scratch() { std::free(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() { return p_; }
+
+ private:
+  T* p_;
+};
 
 }  // namespace lra_cpu
 

@@ -1,6 +1,7 @@
 #include "gemm.h"
 
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <atomic>
@@ -199,16 +200,63 @@ static inline void epilogue_row(const GemmArgs& g, const int32_t* acc, int64_t m
   }
 }
 
-// ------------------------------------------------------------------ driver
-// Each thread takes blocks of whole rows. Per block: the raw sums of every 64-column panel into an
+// ------------------------------------------------------------------ drivers
+// No result depends on the blocking or the thread count: the sums are exact integers and the epilogue
+// is per row, so both drivers give the same bits.
+
+#if LRA_HAVE_AMX
+// AMX: the threads split the columns, not the rows. A Sapphire Rapids core feeds its tiles from L2 at
+// ~160 GB/s but from L3 at ~30: with rows split, every thread streams every weight from L3 for each
+// block of rows (1.0-1.5 TOPS per core at ViT-B shapes); with columns split, a thread's share of the
+// weights (<= 1.2 MiB for ViT-B) stays in its L2 across all row blocks (~3 TOPS per core). Rows go in
+// blocks of AMX_MB: every thread computes its panels of the block into a shared int32 scratch, all meet
+// at a barrier, then each runs the epilogue of a share of the block's rows (which needs whole rows:
+// LayerNorm, per-token quantization) while the others start the next block in the other scratch.
+constexpr int64_t AMX_MB = 32;  // 64 and 128 measured slower (fewer barriers, but the scratch crowds L2)
+
+static void gemm_amx(const GemmArgs& g) {
+  const int64_t KQ = g.Kp / 4, panels = (g.N + NPANEL - 1) / NPANEL, Np = panels * NPANEL;
+  const int64_t ldc = Np + 16;  // rows of the scratch 64 bytes apart from a multiple of 4 KiB
+  const int64_t nblocks = (g.M + AMX_MB - 1) / AMX_MB;
+  int64_t nth = std::min<int64_t>(std::max(1, at::get_num_threads()), panels);
+  if (omp_in_parallel()) nth = 1;
+  Scratch<int32_t> acc(2 * AMX_MB * ldc);
+#pragma omp parallel num_threads(nth)
+  {
+    const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
+    const int64_t p0 = tid * panels / team, p1 = (tid + 1) * panels / team;
+    Scratch<float> row(Np + 16), lnbuf(Np + 16);
+    amx_configure();
+    for (int64_t blk = 0; blk <= nblocks; ++blk) {
+      if (blk < nblocks) {  // this thread's panels of block blk
+        const int64_t r0 = blk * AMX_MB;
+        int32_t* c = acc.data() + (blk & 1) * AMX_MB * ldc;
+        for (int64_t p = p0; p < p1; ++p)
+          ukernel_amx(g.a + r0 * g.lda, g.lda, g.packed + p * KQ * 256, g.Kp, c + p * NPANEL, ldc);
+      }
+      if (blk > 0) {  // a share of the rows of block blk - 1, complete since the last barrier
+        const int64_t r0 = (blk - 1) * AMX_MB, rows = std::min<int64_t>(AMX_MB, g.M - r0);
+        const int32_t* c = acc.data() + ((blk - 1) & 1) * AMX_MB * ldc;
+        for (int64_t i = tid * rows / team; i < (tid + 1) * rows / team; ++i)
+          epilogue_row(g, c + i * ldc, r0 + i, row.data(), lnbuf.data());
+      }
+#pragma omp barrier
+    }
+    _tile_release();
+  }
+}
+#endif
+
+// VNNI: each thread takes blocks of whole rows. Per block: the raw sums of every 64-column panel into an
 // int32 scratch (a panel of weights is reused by all the block's micro-tiles), then the epilogue row
-// by row. No result depends on the blocking or the thread count: the sums are exact integers and
-// the epilogue is per row.
+// by row.
 void gemm(const GemmArgs& g) {
   if (g.M == 0 || g.N == 0) return;
+#if LRA_HAVE_AMX
+  if (g_use_amx.load()) return gemm_amx(g);
+#endif
   const int64_t KQ = g.Kp / 4, panels = (g.N + NPANEL - 1) / NPANEL, Np = panels * NPANEL;
-  const bool amx = g_use_amx.load();
-  const int64_t quantum = amx ? 32 : 6;
+  const int64_t quantum = VNNI_MR;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   // rows per block: the int32 scratch stays within ~384 KiB of L2
   const int64_t mb_max = std::max<int64_t>(quantum, (98304 / Np) / quantum * quantum);
@@ -219,22 +267,13 @@ void gemm(const GemmArgs& g) {
   nblocks = (g.M + mb - 1) / mb;
 
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<int32_t> acc(mb * Np + 32 * Np);
+    std::vector<int32_t> acc(mb * Np);
     std::vector<float> row(Np + 16), lnbuf(Np + 16);
-#if LRA_HAVE_AMX
-    if (amx) amx_configure();
-#endif
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t m0 = blk * mb, m1 = std::min(g.M, m0 + mb);
       for (int64_t p = 0; p < panels; ++p) {
         const int8_t* B = g.packed + p * KQ * 256;
         int32_t* c = acc.data() + p * NPANEL;
-#if LRA_HAVE_AMX
-        if (amx) {
-          for (int64_t r0 = m0; r0 < m1; r0 += 32) ukernel_amx(g.a + r0 * g.lda, g.lda, B, g.Kp, c + (r0 - m0) * Np, Np);
-          continue;
-        }
-#endif
         for (int64_t k0 = 0; k0 < g.Kp; k0 += KCHUNK) {
           const int64_t kq = std::min<int64_t>(KCHUNK, g.Kp - k0) / 4;
           for (int64_t r0 = m0; r0 < m1; r0 += VNNI_MR) {
@@ -245,9 +284,6 @@ void gemm(const GemmArgs& g) {
       }
       for (int64_t m = m0; m < m1; ++m) epilogue_row(g, acc.data() + (m - m0) * Np, m, row.data(), lnbuf.data());
     }
-#if LRA_HAVE_AMX
-    if (amx) _tile_release();
-#endif
   });
 }
 

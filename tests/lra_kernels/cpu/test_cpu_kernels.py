@@ -154,6 +154,28 @@ def test_rows_do_not_depend_on_the_batch():
         assert torch.equal(y, full_y[rows]) and torch.equal(q.int8(), full_q.int8()[rows])
 
 
+def test_results_do_not_depend_on_the_thread_count():
+    """The GEMM splits rows (VNNI) or columns (AMX) over the threads: the bits must not move with their number,
+    including more threads than 64-column panels and a last row block of a single row."""
+    x, w, w_scale, bias, residual = _gemm_operands(97, 320, 584, seed=5)
+    pw = co.PackedWeight.pack(w)
+    ln = (torch.rand(584) + 0.5, torch.randn(584) * 0.1, 1e-5)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3, 16):
+            torch.set_num_threads(threads)
+            a = co.quantize(x)
+            y, q = co.gemm_ln_quant(a, pw, w_scale, bias, residual, torch.float32, ln)
+            h = co.gemm_quant(a, pw, w_scale, bias, "gelu")
+            outs.append((co.gemm_acc(a, pw), y, q.int8(), q.scale, h.int8(), h.scale))
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        assert all(torch.equal(u, v) for u, v in zip(outs[0], other))
+    torch.testing.assert_close(outs[0][0].long(), co.quantize(x).int8().long() @ w.long().t(), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("B,T,heads,D", [(1, 50, 12, 768), (3, 13, 4, 64), (2, 197, 6, 384), (2, 5, 4, 320)])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_attention_matches_sdpa(B, T, heads, D, dtype):

@@ -176,7 +176,8 @@ def test_results_do_not_depend_on_the_thread_count():
     torch.testing.assert_close(outs[0][0].long(), co.quantize(x).int8().long() @ w.long().t(), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("B,T,heads,D", [(1, 50, 12, 768), (3, 13, 4, 64), (2, 197, 6, 384), (2, 5, 4, 320)])
+@pytest.mark.parametrize("B,T,heads,D", [(1, 50, 12, 768), (3, 13, 4, 64), (2, 197, 6, 384), (2, 5, 4, 320),
+                                         (2, 7, 12, 768), (1, 10, 2, 128), (2, 9, 1, 128)])  # every tail of a row group
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_attention_matches_sdpa(B, T, heads, D, dtype):
     qkv = torch.randn(B * T, 3 * D).to(dtype)

@@ -14,7 +14,7 @@ from lra_kernels.quant import quantize_per_token_ref
 
 needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.available(),
                                        reason=f"CPU kernels unavailable: {cpu_kernels.reason()}")
-SHAPES = [(2, 77, 8, 512), (3, 13, 4, 64), (1, 1, 2, 32), (2, 70, 4, 48)]
+SHAPES = [(2, 77, 8, 512), (3, 13, 4, 64), (1, 1, 2, 32), (2, 70, 4, 48), (1, 7, 2, 128)]
 
 
 def masked_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -36,8 +36,8 @@ enum FloatType : int { F32 = 0, BF16 = 1, F16 = 2 };
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // A zeroed scratch buffer whose rows start on cache lines. std::vector's storage is 16-byte aligned:
-// AMX tile stores of 64-byte rows into it then split every row over two lines (measured on a
-// Sapphire Rapids core: the GEMM ran at 1.0 instead of 1.5 TOPS).
+// AMX tile stores of 64-byte rows into it then split every row over two lines (measured on an
+// AMX Xeon core: the GEMM ran at 1.0 instead of 1.5 TOPS).
 template <class T>
 class Scratch {
  public:

@@ -205,7 +205,7 @@ static inline void epilogue_row(const GemmArgs& g, const int32_t* acc, int64_t m
 // is per row, so both drivers give the same bits.
 
 #if LRA_HAVE_AMX
-// AMX: the threads split the columns, not the rows. A Sapphire Rapids core feeds its tiles from L2 at
+// AMX: the threads split the columns, not the rows. An AMX Xeon core feeds its tiles from L2 at
 // ~160 GB/s but from L3 at ~30: with rows split, every thread streams every weight from L3 for each
 // block of rows (1.0-1.5 TOPS per core at ViT-B shapes); with columns split, a thread's share of the
 // weights (<= 1.2 MiB for ViT-B) stays in its L2 across all row blocks (~3 TOPS per core). Rows go in

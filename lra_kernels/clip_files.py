@@ -29,6 +29,7 @@ from .validate import (
     ModelNotFoundError,
     _Fields,
     check_against,
+    check_format_version,
     check_quant,
     check_values,
     load_tensors,
@@ -121,12 +122,7 @@ def read_clip_config(path: Path) -> ClipConfig:
     f = _Fields(cfg, str(file), CLIP_FIELDS, ("format", "kind", "text", "quant"))
     if cfg["format"] != CLIP_FORMAT or cfg["kind"] != KIND:
         raise ModelLoadError(f"{file} is not a {CLIP_FORMAT} config (format={cfg['format']!r}, kind={cfg['kind']!r})")
-    version = cfg.get("format_version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        f.fail("format_version", f"an integer in 1..{CLIP_FORMAT_VERSION}")
-    if version > CLIP_FORMAT_VERSION:
-        raise ModelLoadError(f"{file} has format_version {version}, newer than this lra-kernels reads "
-                             f"({CLIP_FORMAT_VERSION}); upgrade lra-kernels")
+    check_format_version(f, CLIP_FORMAT_VERSION)
     name = cfg.get("tokenizer_name")
     if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 512):
         f.fail("tokenizer_name", "a tokenizer name (a non-empty string of at most 512 characters) or null")

@@ -259,17 +259,23 @@ class CheckedConfig:
     digest: str  # config_digest of the file
 
 
+def check_format_version(f: _Fields, newest: int) -> int:
+    """The config's ``format_version`` (default 1): an integer this lra-kernels reads (1..``newest``)."""
+    v = f.obj.get("format_version", 1)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        f.fail("format_version", f"an integer in 1..{newest}")
+    if v > newest:
+        raise ModelLoadError(f"{f.where} has format_version {v}, newer than this lra-kernels reads ({newest}); "
+                             f"upgrade lra-kernels")
+    return v
+
+
 def check_config(cfg: Any, where: str, fmt: str, version: int) -> CheckedConfig:
     f = _Fields(cfg, where, ("format", "format_version", "arch", "quant", "backend", "act_dtype", "extra"),
                 ("format", "arch", "quant"))
     if cfg["format"] != fmt:
         raise ModelLoadError(f"{where} is not a {fmt} config (format={cfg['format']!r})")
-    v = cfg.get("format_version", 1)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        f.fail("format_version", f"an integer in 1..{version}")
-    if v > version:
-        raise ModelLoadError(f"{where} has format_version {v}, newer than this lra-kernels reads ({version}); "
-                             f"upgrade lra-kernels")
+    v = check_format_version(f, version)
     arch = check_arch(cfg["arch"], f"{where}: arch")
     quant = check_quant(cfg["quant"], f"{where}: quant")
     backend = f.choice("backend", BACKENDS, "auto")

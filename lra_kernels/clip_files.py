@@ -33,8 +33,8 @@ from .validate import (
     check_quant,
     check_values,
     load_tensors,
-    parse_json,
     read_header,
+    read_json_file,
     spec_of,
 )
 
@@ -112,13 +112,7 @@ def read_clip_config(path: Path) -> ClipConfig:
     if not file.is_file():
         raise ModelNotFoundError(f"{path} is not a saved QuantCLIP: expected a directory with {CLIP_CONFIG_FILE} "
                                  f"(kind {KIND!r}) written by QuantCLIP.save")
-    try:
-        size = file.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ModelLoadError(f"{file} is {size} bytes, more than {MAX_CONFIG_BYTES}: not a QuantCLIP config")
-        cfg = parse_json(file.read_bytes(), str(file))
-    except OSError as err:
-        raise ModelLoadError(f"cannot read {file}: {err.strerror or err}") from None
+    cfg = read_json_file(file)
     f = _Fields(cfg, str(file), CLIP_FIELDS, ("format", "kind", "text", "quant"))
     if cfg["format"] != CLIP_FORMAT or cfg["kind"] != KIND:
         raise ModelLoadError(f"{file} is not a {CLIP_FORMAT} config (format={cfg['format']!r}, kind={cfg['kind']!r})")

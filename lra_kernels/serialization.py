@@ -25,7 +25,6 @@ from .config import QuantConfig, VisionArch
 from .validate import (
     CONFIG_DIGEST_KEY,
     DIGEST_KEY,
-    MAX_CONFIG_BYTES,
     CheckedConfig,
     ModelLoadError,
     ModelNotFoundError,
@@ -35,8 +34,8 @@ from .validate import (
     config_digest,
     expected_extra,
     load_tensors,
-    parse_json,
     read_header,
+    read_json_file,
 )
 
 FORMAT = "lra-kernels/quant-vit"
@@ -101,14 +100,7 @@ def _config_file(path: Path) -> Path:
 def read_checked_config(path: str | Path) -> CheckedConfig:
     """``config.json`` of the model directory ``path``, validated; ``ModelLoadError`` saying what is wrong."""
     cfg_file = _config_file(Path(path))
-    try:
-        size = cfg_file.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ModelLoadError(f"{cfg_file} is {size} bytes, more than {MAX_CONFIG_BYTES}")
-        raw = cfg_file.read_bytes()
-    except OSError as err:
-        raise ModelLoadError(f"cannot read {cfg_file}: {err.strerror or err}") from None
-    return check_config(parse_json(raw, str(cfg_file)), str(cfg_file), FORMAT, FORMAT_VERSION)
+    return check_config(read_json_file(cfg_file), str(cfg_file), FORMAT, FORMAT_VERSION)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

@@ -80,6 +80,18 @@ def parse_json(data: bytes, where: str) -> Any:
         raise ModelLoadError(f"{where} is not valid JSON: {err}") from None
 
 
+def read_json_file(file: Path) -> Any:
+    """``file`` as strict JSON, refused unread when larger than ``MAX_CONFIG_BYTES``."""
+    try:
+        size = file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ModelLoadError(f"{file} is {size} bytes, more than {MAX_CONFIG_BYTES}")
+        raw = file.read_bytes()
+    except OSError as err:
+        raise ModelLoadError(f"cannot read {file}: {err.strerror or err}") from None
+    return parse_json(raw, str(file))
+
+
 # ---------------------------------------------------------------------- field checks
 class _Fields:
     """Typed access to one JSON object of the config; every error names ``where.key``."""

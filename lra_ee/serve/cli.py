@@ -56,12 +56,8 @@ def _load_model(model_dir: Path):
     towers), else the image tower."""
     from lra_kernels import QuantEarlyExitViT
     from lra_kernels.clip import QuantCLIP, is_quant_clip_dir
-    from lra_kernels.serialization import read_config
 
-    if is_quant_clip_dir(model_dir):
-        return QuantCLIP.load(model_dir)
-    read_config(model_dir)
-    return QuantEarlyExitViT.load(model_dir)
+    return QuantCLIP.load(model_dir) if is_quant_clip_dir(model_dir) else QuantEarlyExitViT.load(model_dir)
 
 
 def _check_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -37,14 +37,18 @@ def decline(block) -> str | None:
 
 
 def packed(linear) -> cpu.PackedWeight:
-    """``linear.qweight`` packed for the micro-kernels, cached on the module."""
+    """``linear.qweight`` packed for the micro-kernels, cached on the module.
+
+    The cache holds the tensor it was packed from and is used only for that very object, unmodified
+    since (its version): an address alone would match a new tensor the allocator placed where a freed
+    one was."""
     w = linear.qweight
-    key = (w.data_ptr(), w._version, tuple(w.shape))
+    key = (w._version, w.data_ptr(), tuple(w.shape))
     cache = getattr(linear, "_cpu_packed", None)
-    if cache is None or cache[0] != key:
-        cache = (key, cpu.PackedWeight.pack(w))
+    if cache is None or cache[0] is not w or cache[1] != key:
+        cache = (w, key, cpu.PackedWeight.pack(w))
         object.__setattr__(linear, "_cpu_packed", cache)  # not a buffer: never saved, never moved
-    return cache[1]
+    return cache[2]
 
 
 def _static(linear):

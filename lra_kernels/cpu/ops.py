@@ -129,24 +129,12 @@ def attention_quant(qkv: torch.Tensor, B: int, T: int, heads: int, static_scale=
 def rows_matmul(a: torch.Tensor, w: torch.Tensor, w_nk: bool = False) -> torch.Tensor:
     """``a[B, K] @ w`` (``w[K, N]``, or ``w[N, K]`` with ``w_nk``) in fp32, each row in a fixed order.
 
-    ``w`` handed as the transpose of a contiguous ``[N, K]`` matrix (``text.t()``) is read as such."""
+    ``w`` handed as the transpose of a contiguous ``[N, K]`` matrix (``text.t()``) is read in place, as rows.
+    Nothing is cached: a copy keyed by the tensor's address would be served to a later tensor the
+    allocator puts at the same address (a model freed, another built)."""
     if not w_nk and w.ndim == 2 and w.shape[0] > 1 and w.stride(0) == 1 and w.stride(1) == w.shape[0]:
-        return _ops().rows_matmul(a, _transposed(w.t()), False)  # text.t(): read the cached [K, N] copy
+        return _ops().rows_matmul(a, w.t(), True)
     return _ops().rows_matmul(a, w, w_nk)
-
-
-_text_t_cache: dict = {}
-
-
-def _transposed(text: torch.Tensor) -> torch.Tensor:
-    """``text[C, E]`` as a contiguous fp32 ``[E, C]``, cached per classifier tensor (the last two)."""
-    key = (text.data_ptr(), text._version, tuple(text.shape), text.dtype)
-    hit = _text_t_cache.get(key)
-    if hit is None:
-        if len(_text_t_cache) >= 2:
-            _text_t_cache.pop(next(iter(_text_t_cache)))
-        hit = _text_t_cache[key] = text.float().t().contiguous()
-    return hit
 
 
 def exit_head(h, ln_weight, ln_bias, eps, proj, text, logit_scale, pool="patch_mean"):
@@ -155,7 +143,7 @@ def exit_head(h, ln_weight, ln_bias, eps, proj, text, logit_scale, pool="patch_m
         raise ValueError(f"pool must be one of ('patch_mean', 'cls'), got {pool!r}")
     h = h if h.stride(-1) == 1 else h.contiguous()
     return _ops().exit_head(h, ln_weight, ln_bias, float(eps), None if proj is None else proj.float().contiguous(),
-                            _transposed(text), float(logit_scale), pool == "cls")
+                            text.float().contiguous(), float(logit_scale), pool == "cls")
 
 
 def gate_features(logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

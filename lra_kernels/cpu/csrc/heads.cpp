@@ -61,6 +61,22 @@ void rows_vec_matmul(const float* a, int64_t lda, const float* w, int64_t K, int
   }
 }
 
+// out[r][n] = a[r][0..K) . w[n][0..K) for R rows at once (w row-major [N, K]): 16 partial sums in k
+// order, then one fixed reduction; the rows share every load of w.
+template <int R>
+void rows_dot(const float* a, int64_t lda, const float* w, int64_t K, int64_t N, float* out, int64_t ldo) {
+  for (int64_t n = 0; n < N; ++n) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = tail_mask(K - k);
+      const __m512 wv = _mm512_maskz_loadu_ps(mk, w + n * K + k);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + r * lda + k), wv, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) out[r * ldo + n] = _mm512_reduce_add_ps(acc[r]);
+  }
+}
+
 }  // namespace
 
 void vec_matmul_rows(const float* a, int64_t lda, int64_t rows, const float* w, int64_t K, int64_t N, float* out,
@@ -68,6 +84,13 @@ void vec_matmul_rows(const float* a, int64_t lda, int64_t rows, const float* w, 
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) rows_vec_matmul<4>(a + r * lda, lda, w, K, N, out + r * ldo, ldo);
   for (; r < rows; ++r) rows_vec_matmul<1>(a + r * lda, lda, w, K, N, out + r * ldo, ldo);
+}
+
+void dot_rows(const float* a, int64_t lda, int64_t rows, const float* w, int64_t K, int64_t N, float* out,
+              int64_t ldo) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) rows_dot<4>(a + r * lda, lda, w, K, N, out + r * ldo, ldo);
+  for (; r < rows; ++r) rows_dot<1>(a + r * lda, lda, w, K, N, out + r * ldo, ldo);
 }
 
 namespace {
@@ -87,7 +110,7 @@ void patch_mean(const char* h, int type, int64_t T, int64_t D, int64_t ld_t, flo
 
 std::tuple<at::Tensor, at::Tensor> exit_head_op(const at::Tensor& h, const std::optional<at::Tensor>& ln_w,
                                                 const std::optional<at::Tensor>& ln_b, double eps,
-                                                const std::optional<at::Tensor>& proj, const at::Tensor& text_t,
+                                                const std::optional<at::Tensor>& proj, const at::Tensor& text,
                                                 double logit_scale, bool cls) {
   TORCH_CHECK(h.dim() == 3 && h.stride(2) == 1, "exit_head: expected h[B, T, D] with contiguous channels");
   const int64_t B = h.size(0), T = h.size(1), D = h.size(2);
@@ -95,12 +118,12 @@ std::tuple<at::Tensor, at::Tensor> exit_head_op(const at::Tensor& h, const std::
   const int64_t E = proj.has_value() ? proj->size(1) : D;
   TORCH_CHECK(!proj.has_value() || (proj->scalar_type() == at::kFloat && proj->is_contiguous() && proj->size(0) == D),
               "exit_head: proj must be a contiguous float32 [D, E]");
-  TORCH_CHECK(text_t.scalar_type() == at::kFloat && text_t.is_contiguous() && text_t.dim() == 2 && text_t.size(0) == E,
-              "exit_head: expected the classifier transposed, contiguous float32 [E, C]");
+  TORCH_CHECK(text.scalar_type() == at::kFloat && text.is_contiguous() && text.dim() == 2 && text.size(1) == E,
+              "exit_head: expected the classifier as contiguous float32 [C, E]");
   for (const auto* t : {&ln_w, &ln_b})
     TORCH_CHECK(!t->has_value() || ((*t)->scalar_type() == at::kFloat && (*t)->numel() == D && (*t)->is_contiguous()),
                 "exit_head: LayerNorm parameters must be contiguous float32 [D]");
-  const int64_t C = text_t.size(1);
+  const int64_t C = text.size(0);
   const int type = ftype(h);
   const int es = elem_size(type);
   at::Tensor logits = at::empty({B, C}, at::TensorOptions().dtype(at::kFloat));
@@ -109,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> exit_head_op(const at::Tensor& h, const std::
   const float* w = ln_w.has_value() ? ln_w->data_ptr<float>() : nullptr;
   const float* bb = ln_b.has_value() ? ln_b->data_ptr<float>() : nullptr;
   const float* pp = proj.has_value() ? proj->data_ptr<float>() : nullptr;
-  const float* tp = text_t.data_ptr<float>();
+  const float* tp = text.data_ptr<float>();
   float* lp = logits.data_ptr<float>();
   float* zp = z.data_ptr<float>();
   const int64_t sb = h.stride(0), st = h.stride(1);
@@ -147,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> exit_head_op(const at::Tensor& h, const std::
         for (int64_t j = 0; j < E; ++j) er[j] /= norm;
         std::copy(er, er + E, zp + (b0 + r) * E);
       }
-      vec_matmul_rows(e.data(), lde, rows, tp, E, C, lp + b0 * C, C);
+      dot_rows(e.data(), lde, rows, tp, E, C, lp + b0 * C, C);  // the classifier's rows, read in place
       const __m512 vs = _mm512_set1_ps((float)logit_scale);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < C; c += 16) {

@@ -17,9 +17,11 @@ namespace lra_cpu {
 
 std::tuple<at::Tensor, at::Tensor> exit_head_op(const at::Tensor& h, const std::optional<at::Tensor>& ln_w,
                                                 const std::optional<at::Tensor>& ln_b, double eps,
-                                                const std::optional<at::Tensor>& proj, const at::Tensor& text_t,
+                                                const std::optional<at::Tensor>& proj, const at::Tensor& text,
                                                 double logit_scale, bool cls);
 at::Tensor gate_features_op(const at::Tensor& logits, const at::Tensor& h);
+void dot_rows(const float* a, int64_t lda, int64_t rows, const float* w, int64_t K, int64_t N, float* out,
+              int64_t ldo);
 void vec_matmul_rows(const float* a, int64_t lda, int64_t rows, const float* w, int64_t K, int64_t N, float* out,
                      int64_t ldo);
 
@@ -194,17 +196,7 @@ static at::Tensor rows_matmul_op(const at::Tensor& a_in, const at::Tensor& w_in,
       if (!w_nk) {  // vectorised over n; k in order; the rows of a group share every load of w
         vec_matmul_rows(ap + b0 * K, K, nb, wp, K, N, op + b0 * N, N);
       } else {  // dot products of rows: 16 partial sums in k order, then one fixed reduction
-        for (int64_t n = 0; n < N; ++n) {
-          __m512 acc[R];
-          for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-          for (int64_t k = 0; k < K; k += 16) {
-            const __mmask16 mk = tail_mask(K - k);
-            const __m512 wv = _mm512_maskz_loadu_ps(mk, wp + n * K + k);
-            for (int r = 0; r < nb; ++r)
-              acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, ap + (b0 + r) * K + k), wv, acc[r]);
-          }
-          for (int r = 0; r < nb; ++r) op[(b0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]);
-        }
+        dot_rows(ap + b0 * K, K, nb, wp, K, N, op + b0 * N, N);
       }
     }
   });
@@ -238,7 +230,7 @@ TORCH_LIBRARY(lra_cpu, m) {
         "bool causal) -> Tensor[]",
         &lra_cpu::attention_op);
   m.def("rows_matmul(Tensor a, Tensor w, bool w_nk) -> Tensor", &lra_cpu::rows_matmul_op);
-  m.def("exit_head(Tensor h, Tensor? ln_w, Tensor? ln_b, float eps, Tensor? proj, Tensor text_t, float logit_scale, "
+  m.def("exit_head(Tensor h, Tensor? ln_w, Tensor? ln_b, float eps, Tensor? proj, Tensor text, float logit_scale, "
         "bool cls) -> (Tensor, Tensor)",
         &lra_cpu::exit_head_op);
   m.def("gate_features(Tensor logits, Tensor h) -> Tensor", &lra_cpu::gate_features_op);

@@ -306,3 +306,45 @@ def test_exit_head_and_gate_features_match_references(pool, dtype):
         assert torch.equal(lr, logits[rows]) and torch.equal(zr, z[rows])
         assert torch.equal(co.gate_features(lr, h[rows]), feats[rows])
 
+
+
+def test_a_classifier_at_a_freed_classifiers_address_is_read_afresh():
+    """A new classifier tensor at the address (and version 0) of an earlier one, as the allocator hands out
+    after a model is freed: the exit head and the row products read the new values, never a cached copy
+    of the old ones. (numpy writes under the tensors without bumping their version: the worst case.)"""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(11)
+    B, T, D, C = 5, 17, 64, 7
+    h = torch.randn(B, T, D, generator=g)
+    ln_w, ln_b = torch.ones(D), torch.zeros(D)
+    z = F.normalize(torch.randn(B, D, generator=g), dim=-1)
+    memory = np.empty((C, D), dtype=np.float32)
+    for seed in (1, 2, 3):
+        memory[:] = F.normalize(torch.randn(C, D, generator=torch.Generator().manual_seed(seed)), dim=-1).numpy()
+        text = torch.from_numpy(memory)  # a fresh tensor object, same address, version 0
+        assert text._version == 0
+        logits, _ = co.exit_head(h, ln_w, ln_b, 1e-5, None, text, 10.0, "patch_mean")
+        ref = 10.0 * F.normalize(F.layer_norm(h[:, 1:].mean(1), (D,), ln_w, ln_b), dim=-1) @ text.t()
+        torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(co.rows_matmul(z, text.t()), z @ text.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_replaced_weight_is_repacked():
+    """A ``QuantLinear`` whose ``qweight`` is replaced by another tensor (even at the same address, version
+    0) runs on the new weight: the packed copy belongs to the tensor object it was packed from."""
+    import numpy as np
+
+    from lra_kernels.cpu import block as cpu_block
+
+    q = QuantEarlyExitViT.from_open_clip(make_tower(layers=1, seed=4), backend="cpu", act_dtype=torch.float32)
+    lin = q.transformer.resblocks[0].mlp.c_fc
+    memory = lin.qweight.numpy().copy()
+    lin.qweight = torch.from_numpy(memory)
+    first = cpu_block.packed(lin)
+    memory[:] = np.flip(memory, axis=1)  # new values under the same tensor, version unchanged
+    lin.qweight = torch.from_numpy(memory)  # a new tensor object at the same address
+    again = cpu_block.packed(lin)
+    assert again is not first
+    fresh = cpu_kernels.ops.PackedWeight.pack(lin.qweight)
+    assert torch.equal(again.packed, fresh.packed) and torch.equal(again.colsum, fresh.colsum)

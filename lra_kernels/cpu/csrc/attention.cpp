@@ -243,29 +243,29 @@ std::vector<at::Tensor> attention_op(const at::Tensor& qkv, int64_t B, int64_t T
   };
   if (B >= nth) {  // a whole batch element per task: its rows are finished while in cache
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      HeadScratch sc;
-      std::vector<float> rows(T * D + 16);
+      static thread_local HeadScratch sc;  // grows to the largest head seen, then reused
+      float* const rows = thread_scratch<float>(SCRATCH_ROWS, T * D + 16);
       const int64_t block_bytes = T * ld * es;
       prefetch_rows(base + b0 * block_bytes, block_bytes);
       for (int64_t b = b0; b < b1; ++b) {
         if (b + 1 < b1) prefetch_rows(base + (b + 1) * block_bytes, block_bytes);
         for (int64_t h = 0; h < heads; ++h)
-          head(base + b * T * ld * es, type, ld, T, D, hd, h, rows.data(), D, causal, sc);
-        for (int64_t t = 0; t < T; ++t) finish(b * T + t, rows.data() + t * D);
+          head(base + b * T * ld * es, type, ld, T, D, hd, h, rows, D, causal, sc);
+        for (int64_t t = 0; t < T; ++t) finish(b * T + t, rows + t * D);
       }
     });
   } else {  // fewer batch elements than threads: heads in parallel, then the rows (same arithmetic)
-    std::vector<float> rows(M * D + 16);
+    float* const rows = thread_scratch<float>(SCRATCH_ROWS, M * D + 16);  // every column written by its head
     prefetch_rows(base, M * ld * es);
     at::parallel_for(0, B * heads, 1, [&](int64_t i0, int64_t i1) {
-      HeadScratch sc;
+      static thread_local HeadScratch sc;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / heads, h = i % heads;
-        head(base + b * T * ld * es, type, ld, T, D, hd, h, rows.data() + b * T * D, D, causal, sc);
+        head(base + b * T * ld * es, type, ld, T, D, hd, h, rows + b * T * D, D, causal, sc);
       }
     });
     at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) finish(m, rows.data() + m * D);
+      for (int64_t m = m0; m < m1; ++m) finish(m, rows + m * D);
     });
   }
   if (kind == OUT_FLOAT) {

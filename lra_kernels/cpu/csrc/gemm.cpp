@@ -220,25 +220,26 @@ static void gemm_amx(const GemmArgs& g) {
   const int64_t nblocks = (g.M + AMX_MB - 1) / AMX_MB;
   int64_t nth = std::min<int64_t>(std::max(1, at::get_num_threads()), panels);
   if (omp_in_parallel()) nth = 1;
-  Scratch<int32_t> acc(2 * AMX_MB * ldc);
+  int32_t* const acc = thread_scratch<int32_t>(SCRATCH_ACC, 2 * AMX_MB * ldc);  // shared by the team: 2 blocks
 #pragma omp parallel num_threads(nth)
   {
     const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
     const int64_t p0 = tid * panels / team, p1 = (tid + 1) * panels / team;
-    Scratch<float> row(Np + 16), lnbuf(Np + 16);
+    float* const row = thread_scratch<float>(SCRATCH_ROW, Np + 16);
+    float* const lnbuf = thread_scratch<float>(SCRATCH_LN, Np + 16);
     amx_configure();
     for (int64_t blk = 0; blk <= nblocks; ++blk) {
       if (blk < nblocks) {  // this thread's panels of block blk
         const int64_t r0 = blk * AMX_MB;
-        int32_t* c = acc.data() + (blk & 1) * AMX_MB * ldc;
+        int32_t* c = acc + (blk & 1) * AMX_MB * ldc;
         for (int64_t p = p0; p < p1; ++p)
           ukernel_amx(g.a + r0 * g.lda, g.lda, g.packed + p * KQ * 256, g.Kp, c + p * NPANEL, ldc);
       }
       if (blk > 0) {  // a share of the rows of block blk - 1, complete since the last barrier
         const int64_t r0 = (blk - 1) * AMX_MB, rows = std::min<int64_t>(AMX_MB, g.M - r0);
-        const int32_t* c = acc.data() + ((blk - 1) & 1) * AMX_MB * ldc;
+        const int32_t* c = acc + ((blk - 1) & 1) * AMX_MB * ldc;
         for (int64_t i = tid * rows / team; i < (tid + 1) * rows / team; ++i)
-          epilogue_row(g, c + i * ldc, r0 + i, row.data(), lnbuf.data());
+          epilogue_row(g, c + i * ldc, r0 + i, row, lnbuf);
       }
 #pragma omp barrier
     }
@@ -267,13 +268,14 @@ void gemm(const GemmArgs& g) {
   nblocks = (g.M + mb - 1) / mb;
 
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<int32_t> acc(mb * Np);
-    std::vector<float> row(Np + 16), lnbuf(Np + 16);
+    int32_t* const acc = thread_scratch<int32_t>(SCRATCH_ACC, mb * Np);
+    float* const row = thread_scratch<float>(SCRATCH_ROW, Np + 16);
+    float* const lnbuf = thread_scratch<float>(SCRATCH_LN, Np + 16);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t m0 = blk * mb, m1 = std::min(g.M, m0 + mb);
       for (int64_t p = 0; p < panels; ++p) {
         const int8_t* B = g.packed + p * KQ * 256;
-        int32_t* c = acc.data() + p * NPANEL;
+        int32_t* c = acc + p * NPANEL;
         for (int64_t k0 = 0; k0 < g.Kp; k0 += KCHUNK) {
           const int64_t kq = std::min<int64_t>(KCHUNK, g.Kp - k0) / 4;
           for (int64_t r0 = m0; r0 < m1; r0 += VNNI_MR) {
@@ -282,7 +284,7 @@ void gemm(const GemmArgs& g) {
           }
         }
       }
-      for (int64_t m = m0; m < m1; ++m) epilogue_row(g, acc.data() + (m - m0) * Np, m, row.data(), lnbuf.data());
+      for (int64_t m = m0; m < m1; ++m) epilogue_row(g, acc + (m - m0) * Np, m, row, lnbuf);
     }
   });
 }

@@ -60,7 +60,19 @@ def _ln(norm) -> tuple:
 
 
 def forward(block, x: torch.Tensor) -> torch.Tensor:
-    """``x[B, T, D]`` (act_dtype, contiguous) through ``block`` (a ``QuantBlock`` that ``decline`` accepts)."""
+    """``x[B, T, D]`` (act_dtype, contiguous) through ``block`` (a ``QuantBlock`` that ``decline`` accepts), in
+    one call into the library: the kernels of ``forward_stepwise`` without Python between them."""
+    attn, mlp = block.attn, block.mlp
+    linears = (attn.in_proj, attn.out_proj, mlp.c_fc, mlp.c_proj)
+    return cpu.block(x, [packed(lin) for lin in linears], [lin.w_scale for lin in linears],
+                     [lin.bias for lin in linears],
+                     (block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias),
+                     (block.ln_1.eps, block.ln_2.eps), mlp.c_proj.smooth_inv, [_static(lin) for lin in linears],
+                     attn.n_head, attn.causal, mlp.activation)
+
+
+def forward_stepwise(block, x: torch.Tensor) -> torch.Tensor:
+    """``forward`` as one Python call per kernel (the reference its single call must equal, bit for bit)."""
     B, T, D = x.shape
     act = x.dtype
     x2 = x.reshape(B * T, D)

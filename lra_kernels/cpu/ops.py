@@ -113,6 +113,17 @@ def gemm_acc(a: QAct, w: PackedWeight) -> torch.Tensor:
     return _gemm(a, w, ones, None, "none", None, OUT_ACC)[0]
 
 
+def block(x: torch.Tensor, weights, w_scales, biases, norms, eps, smooth, static_scales, heads: int, causal: bool,
+          activation: str) -> torch.Tensor:
+    """A whole pre-LayerNorm transformer block ``x[B, T, D]`` in one call (``lra_kernels.cpu.block.forward``):
+    ``weights``: the ``PackedWeight`` of in_proj, out_proj, c_fc, c_proj; ``norms``: ln_1 weight, bias,
+    ln_2 weight, bias; ``eps``: ln_1's, ln_2's; ``static_scales``: per linear, None for per-token."""
+    nk = [d for w in weights for d in (w.N, w.K)]
+    return _ops().block(x, [w.packed for w in weights], [w.colsum for w in weights], list(w_scales), list(biases),
+                        list(norms), smooth, nk, [float(e) for e in eps], [_scale_arg(s) for s in static_scales],
+                        int(heads), bool(causal), ACT_CODES[activation])
+
+
 def attention(qkv: torch.Tensor, B: int, T: int, heads: int, out_dtype=torch.float32, causal: bool = False
               ) -> torch.Tensor:
     """``attention_ref(qkv.view(B, T, 3D), heads, causal)`` as ``[B * T, D]`` (fp32 inside)."""

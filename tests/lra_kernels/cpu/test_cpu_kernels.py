@@ -348,3 +348,41 @@ def test_a_replaced_weight_is_repacked():
     assert again is not first
     fresh = cpu_kernels.ops.PackedWeight.pack(lin.qweight)
     assert torch.equal(again.packed, fresh.packed) and torch.equal(again.colsum, fresh.colsum)
+
+
+@pytest.mark.parametrize("scheme", [{}, {"smooth_alpha": 0.5}, {"act_quant": "per_tensor_static"}],
+                         ids=["per_token", "smoothquant", "static"])
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_one_call_block_equals_the_stepwise_kernels(scheme, act):
+    """``cpu.block.forward`` (one library call per block) gives the bits of ``forward_stepwise`` (one call per
+    kernel): every scheme the CPU kernels take, both activations, every dtype, causal or not, awkward T."""
+    from lra_kernels.cpu import block as cpu_block
+
+    tower = make_tower(layers=2, act=act, seed=5)
+    calib = images_for(tower, 8, seed=2) if scheme else None
+    q = QuantEarlyExitViT.from_open_clip(tower, backend="cpu", calibration_images=calib, **scheme)
+    g = torch.Generator().manual_seed(3)
+    for blk in q.transformer.resblocks:
+        assert cpu_block.decline(blk) is None
+        for dtype in FLOAT_DTYPES:
+            for B, T in ((1, 17), (3, 50), (2, 77)):
+                x = (3 * torch.randn(B, T, 64, generator=g)).to(dtype)
+                for causal in (False, True):
+                    blk.attn.causal = causal
+                    got = cpu_block.forward(blk, x)
+                    assert got.dtype == dtype and got.shape == x.shape
+                    assert torch.equal(got, cpu_block.forward_stepwise(blk, x)), (dtype, B, T, causal)
+        blk.attn.causal = False
+
+
+def test_one_call_block_rejects_a_malformed_call():
+    from lra_kernels.cpu import block as cpu_block
+
+    q = QuantEarlyExitViT.from_open_clip(make_tower(layers=1), backend="cpu")
+    blk = q.transformer.resblocks[0]
+    with pytest.raises(RuntimeError, match="contiguous x"):
+        cpu_block.forward(blk, torch.randn(2, 64, 17).transpose(1, 2))
+    linears = (blk.attn.in_proj, blk.attn.out_proj, blk.mlp.c_fc)
+    with pytest.raises(RuntimeError, match="4 linears"):
+        co.block(torch.randn(1, 17, 64), [cpu_block.packed(lin) for lin in linears], [lin.w_scale for lin in linears],
+                 [lin.bias for lin in linears], (None,) * 4, (1e-5, 1e-5), None, [None] * 3, 4, False, "gelu")

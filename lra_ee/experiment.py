@@ -68,12 +68,32 @@ class ExperimentConfig:
 @dataclass
 class FP32Cache:
     """What the FP32 tower gives an experiment, reusable by the next scheme on the same source and
-    hold-out: its exit table of the pool (and of a separate evaluation source), its QIRC states."""
+    hold-out: its exit table of the pool (and of a separate evaluation source), its QIRC states.
+
+    ``key`` (``fp32_cache_key``) names the tower, sources and classifier by identity and version;
+    ``held`` keeps those objects alive, so that their ids cannot pass to new objects while the cache
+    lives. Handed a cache of another tower, source or classifier, ``run_experiment`` recomputes."""
 
     key: tuple
     table: ExitTable
     eval_table: ExitTable | None = None
     qirc_reference: list | None = field(default=None, repr=False)
+    held: tuple = field(default=(), repr=False)
+
+
+def fp32_cache_key(visual, source, eval_source, text_features, logit_scale, sizes: tuple) -> tuple[tuple, tuple]:
+    """``(key, held)`` for an ``FP32Cache``: the sizes of the split, the objects' ids, the logit scale, and
+    the versions of the classifier and of the tower's parameters (an in-place change bumps them)."""
+    held = (visual, source, eval_source, text_features)
+    versions = (_version(text_features), tuple(_version(p) for p in visual.parameters()))
+    return (*sizes, *map(id, held), float(logit_scale), versions), held
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return int(t._version)
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
 
 
 @dataclass
@@ -189,7 +209,8 @@ def run_experiment(
         raise ValueError(f"{n_total} images are too few: {cfg.n_quant_calib} go to quantizer calibration and "
                          f"{cfg.n_qirc} to QIRC, the rest must split")
     desc = (lambda what: f"{cfg.scheme}: {what}") if progress else (lambda what: None)
-    key = (n_total, cfg.n_quant_calib, cfg.n_qirc, None if eval_source is None else len(eval_source))
+    sizes = (n_total, cfg.n_quant_calib, cfg.n_qirc, None if eval_source is None else len(eval_source))
+    key, held = fp32_cache_key(visual, source, eval_source, text_features, logit_scale, sizes)
     fp32 = fp32 if fp32 is not None and fp32.key == key else None
     qcal_images, qirc_images = images_of(source, qcal_idx), images_of(source, qirc_idx)
     qvit = quantize(visual, cfg.scheme, qcal_images, cfg.backend)
@@ -203,7 +224,7 @@ def run_experiment(
     tables = collect_tables(qvit, pool, candidates, HEADS, batch_size=cfg.batch_size, desc=desc("exit tables"))
     if fp32 is None:
         fp32 = FP32Cache(key, collect_fp32_table(visual, pool, text_features, candidates, logit_scale, cfg.batch_size,
-                                                 desc("FP32 exit tables")), qirc_reference=qirc_ref)
+                                                 desc("FP32 exit tables")), qirc_reference=qirc_ref, held=held)
     for t in tables.values():
         _with_fp32(t, fp32.table)
     eval_tables, split_check, eval_keep = None, None, None

@@ -220,3 +220,46 @@ def test_separate_evaluation_source_leaves_out_calibration_images(task_and_tower
     positions = sorted(p for b in r["executor_batches"]["batches"] for p in b)
     assert positions == list(range(30, 120)), "positions in the evaluation source, calibration images left out"
     assert r["executor_check"]["exact"]
+
+
+def test_fp32_cache_is_reused_only_for_the_same_tower_source_and_classifier(task_and_tower, runs):
+    """The FP32 tables of one experiment are not handed to another tower, source or classifier of the same
+    sizes (the cache was once matched on sizes alone)."""
+    import lra_ee.experiment as experiment
+
+    v, task = task_and_tower
+    src, out = runs
+    sizes = (len(src), 16, 8, None)
+    key, held = experiment.fp32_cache_key(v, src, None, task.text_features, 100.0, sizes)
+    assert experiment.fp32_cache_key(v, src, None, task.text_features, 100.0, sizes)[0] == key
+    other_src = TensorSource(task.images.flip(0), task.labels.flip(0), task.class_names)
+    other_text = task.text_features.clone()
+    for args in ((v, other_src, None, task.text_features, 100.0), (v, src, None, other_text, 100.0),
+                 (make_tower(layers=6, width=64, seed=1), src, None, task.text_features, 100.0),
+                 (v, src, None, task.text_features, 50.0)):
+        assert experiment.fp32_cache_key(*args, sizes)[0] != key
+    text = task.text_features.clone()
+    k1 = experiment.fp32_cache_key(v, src, None, text, 100.0, sizes)[0]
+    text.mul_(1.0)  # an in-place change, same object
+    assert experiment.fp32_cache_key(v, src, None, text, 100.0, sizes)[0] != k1
+    assert all(h is o for h, o in zip(out["paper"].fp32.held, (v, src, None, task.text_features)))
+
+
+def test_run_experiment_recomputes_fp32_tables_for_another_source(task_and_tower, runs, monkeypatch):
+    import lra_ee.experiment as experiment
+
+    v, task = task_and_tower
+    _, out = runs
+
+    class Recomputed(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise Recomputed
+
+    monkeypatch.setattr(experiment, "collect_fp32_table", refuse)
+    other = TensorSource(task.images.flip(0), task.labels.flip(0), task.class_names)  # same sizes, other images
+    cfg = ExperimentConfig(scheme="smoothquant", seeds=(0,), n_quant_calib=16, n_qirc=8, n_boot=50, batch_size=32,
+                           random_gate_draws=20, sensitivity_limit=16)
+    with pytest.raises(Recomputed):
+        run_experiment(v, other, task.text_features, cfg, task.class_names, fp32=out["paper"].fp32, progress=False)

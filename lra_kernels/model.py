@@ -341,9 +341,10 @@ class QuantEarlyExitViT(nn.Module):
     def set_classifier(
         self, text_features: torch.Tensor, logit_scale: float = 100.0, class_names: list[str] | None = None
     ) -> None:
-        """Zero-shot classes: ``text_features[C, output_dim]`` with L2-normalised rows."""
+        """Zero-shot classes: ``text_features[C, output_dim]`` with L2-normalised rows. The model keeps its
+        own copy: a later in-place change to ``text_features`` does not reach it."""
         t = heads.check_text_features(text_features, self.output_dim, class_names, logit_scale)
-        self.classifier = t.to(self.device).contiguous()
+        self.classifier = t.to(self.device, copy=True).contiguous()
         self.logit_scale = float(logit_scale)
         self.class_names = list(class_names) if class_names is not None else None
 

@@ -89,6 +89,18 @@ def test_set_classifier_validation(qvit):
         fresh.classify(images_for(fresh, 2))
 
 
+def test_set_classifier_keeps_its_own_copy():
+    """A later in-place change to the caller's tensor (a reused buffer) does not change the model's answers."""
+    q = QuantEarlyExitViT.from_open_clip(make_tower(), compile_blocks=False)
+    x = images_for(q, 3)
+    text = F.normalize(torch.randn(6, 32), dim=-1)
+    q.set_classifier(text)
+    before = q.classify(x).logits
+    text.copy_(F.normalize(torch.randn(6, 32), dim=-1))
+    assert q.classifier.data_ptr() != text.data_ptr()
+    assert torch.equal(q.classify(x).logits, before)
+
+
 # ---------------------------------------------------------------------- invariants
 def _classify(qvit, p, x, **kw):
     qvit.exit_policy = p

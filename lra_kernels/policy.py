@@ -31,7 +31,8 @@ def check_exit_layers(layers, depth: int) -> tuple[int, ...]:
 
 
 def _as_f32(name: str, value, shape: tuple[int, ...]) -> torch.Tensor:
-    t = torch.as_tensor(value, dtype=torch.float32).detach().cpu().contiguous()
+    # a copy: the policy is immutable, so an in-place change to the caller's tensor must not reach it
+    t = torch.as_tensor(value, dtype=torch.float32).detach().cpu().clone().contiguous()
     if tuple(t.shape) != shape:
         raise ValueError(f"ExitPolicy.{name} must have shape {list(shape)}, got {list(t.shape)}")
     if torch.isnan(t).any():

@@ -89,6 +89,17 @@ def test_set_classifier_validation(qvit):
         fresh.classify(images_for(fresh, 2))
 
 
+def test_exit_policy_keeps_its_own_tensors():
+    """``ExitPolicy`` is immutable: changing the caller's tensors afterwards, in place, does not change it."""
+    tau = torch.full((len(EXITS),), 0.5)
+    mean = torch.zeros(len(EXITS), 3)
+    p = policy(threshold=tau, mean=mean)
+    tau.fill_(2.0)
+    mean.fill_(7.0)
+    assert torch.equal(p.threshold, torch.full((len(EXITS),), 0.5))
+    assert torch.equal(p.feature_mean, torch.zeros(len(EXITS), 3))
+
+
 def test_set_classifier_keeps_its_own_copy():
     """A later in-place change to the caller's tensor (a reused buffer) does not change the model's answers."""
     q = QuantEarlyExitViT.from_open_clip(make_tower(), compile_blocks=False)

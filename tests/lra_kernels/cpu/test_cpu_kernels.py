@@ -386,3 +386,18 @@ def test_one_call_block_rejects_a_malformed_call():
     with pytest.raises(RuntimeError, match="4 linears"):
         co.block(torch.randn(1, 17, 64), [cpu_block.packed(lin) for lin in linears], [lin.w_scale for lin in linears],
                  [lin.bias for lin in linears], (None,) * 4, (1e-5, 1e-5), None, [None] * 3, 4, False, "gelu")
+
+
+def test_threads_calling_one_model_at_once_get_their_own_answers():
+    """The kernels' scratch is per calling thread: four Python threads running one model at once (a threaded
+    server) each get exactly what the model gives their batch alone, every batch size and round."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    q = QuantEarlyExitViT.from_open_clip(make_tower(layers=2, seed=6), backend="cpu")
+    batches = [images_for(q, n, seed=10 + n) for n in (1, 2, 5, 9)]
+    alone = [q(x) for x in batches]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            got = list(pool.map(q, batches))
+            for a, b in zip(got, alone):
+                assert torch.equal(a, b)

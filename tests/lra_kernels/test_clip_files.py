@@ -22,6 +22,12 @@ def saved(tmp_path_factory):
     return q, q.save(tmp_path_factory.mktemp("clip") / "model")
 
 
+@pytest.fixture
+def m(saved, tmp_path):
+    """A fresh copy of the saved model directory, for a test to damage."""
+    return _copy(saved[1], tmp_path)
+
+
 def _copy(src, tmp_path, name="m"):
     dst = tmp_path / name
     shutil.copytree(src, dst)
@@ -44,9 +50,7 @@ def test_intact_copy_loads_and_answers_the_same(saved, tmp_path):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_truncated_text_weights(saved, tmp_path, seed):
-    _, path = saved
-    m = _copy(path, tmp_path)
+def test_truncated_text_weights(m, seed):
     file = m / TEXT_WEIGHTS_FILE
     data = file.read_bytes()
     cut = int(np.random.default_rng(seed).integers(0, len(data)))
@@ -56,9 +60,7 @@ def test_truncated_text_weights(saved, tmp_path, seed):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_flipped_bits_in_text_weights(saved, tmp_path, seed):
-    _, path = saved
-    m = _copy(path, tmp_path)
+def test_flipped_bits_in_text_weights(m, seed):
     file = m / TEXT_WEIGHTS_FILE
     data = bytearray(file.read_bytes())
     rng = np.random.default_rng(50 + seed)
@@ -85,17 +87,13 @@ def _rewrite_tensors(m, change):
     (lambda t: t.__setitem__("logit_scale", torch.tensor(float("nan"))), "NaN or Inf"),
     (lambda t: t.__setitem__("text.positional_embedding", t["text.positional_embedding"].double()), "must be F32"),
 ])
-def test_bad_tensors(saved, tmp_path, change, match):
-    _, path = saved
-    m = _copy(path, tmp_path)
+def test_bad_tensors(m, change, match):
     _rewrite_tensors(m, change)
     with pytest.raises(ModelLoadError, match=match):
         QuantCLIP.load(m)
 
 
-def test_int8_weight_replaced_by_floats(saved, tmp_path):
-    _, path = saved
-    m = _copy(path, tmp_path)
+def test_int8_weight_replaced_by_floats(m):
     name = next(k for k, v in load_file(str(m / TEXT_WEIGHTS_FILE)).items() if v.dtype == torch.int8)
     _rewrite_tensors(m, lambda t: t.__setitem__(name, t[name].float() * 1000))
     with pytest.raises(ModelLoadError, match="must be I8"):
@@ -125,9 +123,7 @@ def _mutations(cfg):
             yield ("quant", key), v
 
 
-def test_every_config_field_mutated(saved, tmp_path):
-    _, path = saved
-    m = _copy(path, tmp_path)
+def test_every_config_field_mutated(m):
     original = _config(m)
     loaded = 0
     for keys, value in _mutations(original):
@@ -153,17 +149,13 @@ def test_every_config_field_mutated(saved, tmp_path):
     ('{"format": "lra-kernels/quant-clip", "kind": "quant_clip", "text": {}, "quant": {}, "x": NaN}', "NaN"),
     ("{", "JSON"),
 ])
-def test_clip_json_not_an_object(saved, tmp_path, text, match):
-    _, path = saved
-    m = _copy(path, tmp_path)
+def test_clip_json_not_an_object(m, text, match):
     (m / CLIP_CONFIG_FILE).write_text(text)
     with pytest.raises(ModelLoadError, match=match):
         QuantCLIP.load(m)
 
 
-def test_sizes_are_bounded_before_building(saved, tmp_path):
-    _, path = saved
-    m = _copy(path, tmp_path)
+def test_sizes_are_bounded_before_building(m):
     for key, value in (("layers", 10**9), ("vocab_size", 10**10), ("context_length", 10**7), ("width", -768)):
         cfg = _config(m)
         cfg["text"][key] = value
@@ -172,10 +164,8 @@ def test_sizes_are_bounded_before_building(saved, tmp_path):
             QuantCLIP.load(m)
 
 
-def test_sealed_fields_cannot_be_edited(saved, tmp_path):
+def test_sealed_fields_cannot_be_edited(m):
     """heads 4 -> 2 keeps every tensor shape; the digest recorded at saving catches it."""
-    _, path = saved
-    m = _copy(path, tmp_path)
     cfg = _config(m)
     cfg["text"]["heads"] = 2
     _write_config(m, cfg)
@@ -183,13 +173,11 @@ def test_sealed_fields_cannot_be_edited(saved, tmp_path):
         QuantCLIP.load(m)
 
 
-def test_missing_text_weights_and_newer_format(saved, tmp_path):
-    _, path = saved
-    m = _copy(path, tmp_path)
+def test_missing_text_weights_and_newer_format(m, saved, tmp_path):
     (m / TEXT_WEIGHTS_FILE).unlink()
     with pytest.raises(ModelLoadError, match="lacks text.safetensors"):
         QuantCLIP.load(m)
-    m2 = _copy(path, tmp_path, "m2")
+    m2 = _copy(saved[1], tmp_path, "m2")
     cfg = _config(m2)
     cfg["format_version"] = 99
     _write_config(m2, cfg)
